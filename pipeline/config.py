@@ -1,0 +1,155 @@
+"""Config schemas and start-up validation.
+
+Groups with a `_target_` (data, model, method, sparsity) are validated against the dataclass they
+instantiate: the class is the schema. training and tracking have their schemas here. Validation
+imports no TensorFlow, so a bad override fails in well under a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+TARGET_GROUPS = ("data", "model", "method", "sparsity")
+TOP_LEVEL_KEYS = {"data", "model", "training", "method", "sparsity", "tracking", "seed", "hydra"}
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration: reported as one line, exit status 2."""
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise a ConfigError naming the key, the value and what is allowed, unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+@dataclass
+class Phase:
+    """One training phase (baseline or fine-tuning)."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+    def check(self, key: str) -> None:
+        require(self.epochs > 0, f"{key}.epochs", self.epochs, "an integer > 0")
+        require(self.batch_size > 0, f"{key}.batch_size", self.batch_size, "an integer > 0")
+        require(self.optimizer in ("adam", "sgd"), f"{key}.optimizer", self.optimizer, "adam or sgd")
+        require(self.lr > 0, f"{key}.lr", self.lr, "a number > 0")
+        require(0 <= self.momentum < 1, f"{key}.momentum", self.momentum, "a number in [0, 1)")
+        require(self.weight_decay >= 0, f"{key}.weight_decay", self.weight_decay, "a number >= 0")
+
+
+@dataclass
+class Training:
+    name: str = "default"
+    baseline: Phase = field(default_factory=Phase)
+    finetune: Phase = field(default_factory=Phase)
+    deterministic: bool = True
+
+    def __post_init__(self):
+        self.baseline.check("baseline")
+        self.finetune.check("finetune")
+
+
+@dataclass
+class Tracking:
+    name: str = "local"
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "pruning"
+    skip_finished: bool = True
+
+    def __post_init__(self):
+        require(bool(self.experiment), "experiment", self.experiment, "a non-empty name")
+
+
+PLAIN_SCHEMAS = {"training": Training, "tracking": Tracking}
+
+
+def _schema_of(group: str, node: DictConfig) -> type:
+    if group in PLAIN_SCHEMAS:
+        return PLAIN_SCHEMAS[group]
+    from hydra.utils import get_class
+
+    target = node.get("_target_")
+    require(isinstance(target, str), f"{group}._target_", target, "the dotted path of a class")
+    try:
+        return get_class(target)
+    except Exception as e:
+        raise ConfigError(f"{group}._target_={target!r} cannot be imported: {e}") from None
+
+
+def _one_line(e: OmegaConfBaseException, group: str) -> str:
+    msg = str(e).splitlines()[0]
+    key = f"{group}.{e.full_key}" if getattr(e, "full_key", None) else group
+    if isinstance(e, ConfigKeyError):
+        return f"{key}: unknown key ({msg})"
+    return f"{key}: {msg}"
+
+
+def build(group: str, node: DictConfig) -> Any:
+    """Check one group's node against its schema and return the constructed object."""
+    schema = _schema_of(group, node)
+    if not dataclasses.is_dataclass(schema):
+        raise ConfigError(f"{group}._target_ must name a dataclass, got {schema.__name__}")
+    values = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_target_"}
+    allowed = sorted(f.name for f in dataclasses.fields(schema))
+    for key in values:
+        require(key in allowed, f"{group}.{key}", values[key], f"one of the keys {', '.join(allowed)}")
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(schema), values)
+        return OmegaConf.to_object(typed)
+    except (ValidationError, ConfigKeyError) as e:
+        raise ConfigError(_one_line(e, group)) from None
+    except ConfigError as e:
+        raise ConfigError(f"{group}.{e}") from None
+
+
+def validate(cfg: DictConfig) -> dict[str, Any]:
+    """Validate the whole job config; return the built objects of each group."""
+    for key in cfg:
+        require(key in TOP_LEVEL_KEYS, str(key), cfg[key], f"one of {', '.join(sorted(TOP_LEVEL_KEYS))}")
+    for group in (*TARGET_GROUPS, *PLAIN_SCHEMAS):
+        require(isinstance(cfg.get(group), DictConfig), group, cfg.get(group), "a config group")
+    seed = cfg.get("seed")
+    require(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "seed", seed, "an integer >= 0")
+    return {group: build(group, cfg[group]) for group in (*TARGET_GROUPS, *PLAIN_SCHEMAS)}
+
+
+def job_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config of a job, without Hydra's own settings."""
+    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+
+
+def stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Identifies a job's result: everything but where it is tracked."""
+    conf = job_config(cfg)
+    conf.pop("tracking", None)
+    return stable_hash(conf)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> dotted keys (lists kept as one value)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,1 @@
+"""Pruning: methods (one module each), masks, schedules, accounting and surgery."""

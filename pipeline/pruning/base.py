@@ -1,0 +1,40 @@
+"""The interface every pruning method implements (one subclass per module, picked by `_target_`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.pruning.masks import Masks
+
+
+def n_pruned(target: float, pool: int) -> int:
+    """How many of `pool` units a prune rate removes (never more than the rate says)."""
+    return min(pool, math.floor(target * pool + 1e-9))
+
+
+def keep_largest(scores: np.ndarray, n_prune: int) -> np.ndarray:
+    """Boolean mask (same shape as scores) that drops the n_prune smallest; ties go by position."""
+    flat = np.asarray(scores).reshape(-1)
+    keep = np.ones(flat.size, bool)
+    keep[np.argsort(flat, kind="stable")[:n_prune]] = False
+    return keep.reshape(np.shape(scores))
+
+
+@dataclass
+class PruningMethod:
+    """Turns a trained model and a target prune rate into masks (True = kept)."""
+
+    name: str = "method"
+
+    def masks(self, model, target: float, seed: int = 0) -> Masks:
+        raise NotImplementedError
+
+    def penalty(self, model) -> dict | None:
+        """The training-time regularizer this method adds to the baseline, if any (part of its identity)."""
+        return None
+
+    def regularize(self, model) -> None:
+        """Add the training-time regularizer to the model's variables (before baseline training)."""

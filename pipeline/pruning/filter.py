@@ -1,0 +1,36 @@
+"""L1-norm filter pruning (Li et al. 2017): in each conv layer, drop the filters of smallest L1 norm,
+with what they feed forward (bias, BatchNorm, the next layer's input channels)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.config import require
+from pipeline.pruning.base import PruningMethod, keep_largest, n_pruned
+from pipeline.pruning.graph import channel_groups
+from pipeline.pruning.masks import merge
+
+
+@dataclass
+class Filter(PruningMethod):
+    name: str = "filter"
+    ratios: dict[str, float] = field(default_factory=dict)  # per-layer prune rates overriding the target
+
+    def __post_init__(self):
+        for layer, ratio in self.ratios.items():
+            require(0 <= ratio < 1, f"ratios.{layer}", ratio, "a number in [0, 1)")
+
+    def masks(self, model, target, seed=0):
+        groups = channel_groups(model)
+        unknown = set(self.ratios) - {g.name for g in groups}
+        if unknown:
+            raise ValueError(f"method.ratios names layers without prunable filters: {sorted(unknown)}; "
+                             f"allowed: {[g.name for g in groups]}")
+        sets = []
+        for g in groups:
+            l1 = np.abs(g.conv.kernel.numpy()).sum(axis=(0, 1, 2))
+            n = min(n_pruned(self.ratios.get(g.name, target), g.size), g.size - 1)
+            sets.append(g.masks(keep_largest(l1, n)))
+        return merge(*sets)

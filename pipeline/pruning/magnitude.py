@@ -1,0 +1,30 @@
+"""Magnitude pruning (Han et al. 2015): drop the smallest |w| of all conv and dense kernels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.config import require
+from pipeline.pruning.base import PruningMethod, keep_largest, n_pruned
+from pipeline.pruning.graph import prunable_layers
+
+
+@dataclass
+class Magnitude(PruningMethod):
+    name: str = "magnitude"
+    scope: str = "global"  # one threshold over all kernels, or "layer": one per kernel
+
+    def __post_init__(self):
+        require(self.scope in ("global", "layer"), "scope", self.scope, "global or layer")
+
+    def masks(self, model, target, seed=0):
+        kernels = [layer.kernel for layer in prunable_layers(model)]
+        weights = [np.abs(k.numpy()) for k in kernels]
+        if self.scope == "layer":
+            return {k.path: keep_largest(w, n_pruned(target, w.size)) for k, w in zip(kernels, weights)}
+        flat = np.concatenate([w.reshape(-1) for w in weights])
+        keep = keep_largest(flat, n_pruned(target, flat.size))
+        bounds = np.cumsum([0] + [w.size for w in weights])
+        return {k.path: keep[a:b].reshape(w.shape) for k, w, a, b in zip(kernels, weights, bounds, bounds[1:])}

@@ -1,0 +1,83 @@
+"""Masks: one boolean array per pruned weight (True = kept), keyed by the weight's path.
+
+Masks are enforced inside every compiled training step: each masked variable gets a constraint that
+multiplies it by its mask, and Keras optimizers apply constraints right after each update. A pruned
+weight therefore never becomes non-zero, not even between two batches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+Masks = dict[str, np.ndarray]
+
+
+def merge(*mask_sets: Masks) -> Masks:
+    """Combine mask sets: a weight is kept only if every set keeps it."""
+    out: Masks = {}
+    for masks in mask_sets:
+        for path, m in masks.items():
+            out[path] = out[path] & m if path in out else np.asarray(m, bool).copy()
+    return out
+
+
+def variables_by_path(model) -> dict:
+    return {v.path: v for v in model.weights}
+
+
+class MaskConstraint:
+    """Multiplies a variable by its mask; the mask is a variable, so masks can change between steps."""
+
+    def __init__(self, mask_variable):
+        self.mask = mask_variable
+
+    def __call__(self, w):
+        from keras import ops
+
+        return w * ops.cast(self.mask, w.dtype)
+
+
+class MaskedModel:
+    """Attaches masks to a model's variables as constraints and keeps them in step."""
+
+    def __init__(self, model, masks: Masks):
+        import keras
+
+        self.model = model
+        self.variables = variables_by_path(model)
+        unknown = sorted(set(masks) - set(self.variables))
+        if unknown:
+            raise KeyError(f"masks name weights the model lacks: {unknown}")
+        self.mask_vars = {}
+        for path, m in masks.items():
+            var = self.variables[path]
+            self.mask_vars[path] = keras.Variable(np.asarray(m, "float32"), trainable=False,
+                                                  name=path.replace("/", "_") + "_mask")
+            var.constraint = MaskConstraint(self.mask_vars[path])
+        self.masks = {p: np.asarray(m, bool).copy() for p, m in masks.items()}
+        self.apply()
+
+    def update(self, masks: Masks) -> None:
+        """Replace the masks (pruned weights stay pruned) and zero what they prune now."""
+        self.masks = merge(self.masks, masks)
+        for path, m in self.masks.items():
+            self.mask_vars[path].assign(m.astype("float32"))
+        self.apply()
+
+    def apply(self) -> None:
+        for path, m in self.masks.items():
+            var = self.variables[path]
+            var.assign(np.asarray(var.numpy()) * m)
+
+    def detach(self) -> None:
+        for path in self.masks:
+            self.variables[path].constraint = None
+
+
+def save_masks(masks: Masks, path) -> None:
+    np.savez_compressed(path, **{k: np.asarray(v, bool) for k, v in masks.items()})
+
+
+def load_masks(path) -> Masks:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k].astype(bool) for k in f.files}

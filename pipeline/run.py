@@ -1,0 +1,149 @@
+"""python -m pipeline.run: one job = train -> prune -> fine-tune -> evaluate in one MLflow run.
+
+This module only wires the stages together and owns the run's lifecycle.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF 2.21 logs harmless tf.data op errors
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import logging  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from pipeline import sweep, tracking  # noqa: E402
+from pipeline.config import ConfigError, config_hash, flatten, job_config, validate  # noqa: E402
+
+log = logging.getLogger("pipeline")
+
+
+def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
+    import keras
+    import tensorflow as tf
+
+    from pipeline import baseline
+    from pipeline.pruning import accounting
+    from pipeline.pruning.masks import save_masks
+    from pipeline.pruning.surgery import shrink
+    from pipeline.stages.evaluate import evaluate, test_metrics
+    from pipeline.stages.finetune import finetune
+    from pipeline.stages.prune import prune
+    from pipeline.stages.train import train_baseline
+
+    method, schedule, spec, training, track = (parts[k] for k in ("method", "sparsity", "model", "training",
+                                                                   "tracking"))
+    keras.utils.set_random_seed(cfg.seed)
+    if training.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    conf = job_config(cfg)
+    uri = tracking.resolve_uri(track.uri)
+    client = tracking.client(uri) if track.enabled else None
+    exp_id = tracking.experiment_id(client, track.experiment, uri) if client else None
+    chash = config_hash(cfg)
+    if client and track.skip_finished:
+        previous = tracking.finished_run(client, exp_id, chash)
+        if previous is not None:
+            log.info("skipped: identical config already FINISHED in run %s", previous.info.run_id)
+            return {"skipped": 1.0, "run_id": previous.info.run_id}
+        tracking.close_abandoned(client, exp_id, chash)
+
+    build = lambda: spec.build(data.input_shape, data.num_classes)  # noqa: E731
+    model = build()
+    spec_b = baseline.baseline_spec(conf, method.penalty(model))
+    name = f"{method.name}-{schedule.target:.2f}"
+
+    def log_baseline_run(key, trained, history, path):
+        if client is None:
+            return
+        with tracking.Run(client, exp_id, f"baseline-{key[:8]}", {"kind": "baseline", "baseline_hash": key}) as b:
+            b.params(flatten(spec_b))
+            tracking.log_history(client, b.id, "baseline", history)
+            b.metrics(test_metrics(trained, data), prefix="baseline/")
+            b.artifact(path, "model")
+
+    with tracking.Run(client, exp_id, name, {"method": method.name, "config_hash": chash}) as run:
+        run.params(flatten(conf))
+        run.text(OmegaConf.to_yaml(conf), "config.yaml")
+        model, bhash, trained = baseline.obtain(
+            spec_b, tracking.store_dir(uri) / "baselines", build,
+            lambda m: train_baseline(m, data, training.baseline, method), log_baseline_run)
+        run.tag("baseline_hash", bhash)
+        run.tag("baseline_trained_here", str(trained).lower())
+        dense = keras.models.clone_model(model)
+        dense.set_weights(model.get_weights())
+        run.metrics(test_metrics(model, data), prefix="baseline/")
+
+        masked = prune(model, method, schedule.initial, cfg.seed)
+        run.metrics(test_metrics(model, data) | {"sparsity": accounting.summary(model)["sparsity"]},
+                    prefix="pruned/")
+        history = finetune(masked, data, training.finetune, method, schedule, cfg.seed)
+        run.history("finetune", history)
+        masked.detach()
+        small, kept = shrink(model)
+        metrics = evaluate(model, data, dense_model=dense, small_model=small if kept else None)
+        run.metrics(metrics, prefix="eval/")
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            save_masks(masked.masks, tmp / "masks.npz")
+            run.artifact(tmp / "masks.npz")
+            import pandas as pd
+
+            pd.DataFrame(accounting.layer_rows(model)).to_csv(tmp / "layers.csv", index=False)
+            run.artifact(tmp / "layers.csv")
+            model.save(tmp / "model.keras")
+            run.artifact(tmp / "model.keras", "model")
+            if kept:
+                small.save(tmp / "shrunk.keras")
+                run.artifact(tmp / "shrunk.keras", "model")
+                run.text("\n".join(f"{k}: {v}" for k, v in kept.items()), "channels_kept.txt")
+        log.info("%s: baseline %.4f -> pruned %.4f -> fine-tuned %.4f at sparsity %.3f (run %s)", name,
+                 run.logged.get("baseline/accuracy", float("nan")), run.logged.get("pruned/accuracy", 0),
+                 metrics["accuracy"], metrics["sparsity"], run.id)
+        return {"run_id": run.id, **metrics}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig):
+    if not sweep.in_multirun():
+        parts = validate(cfg)
+        data = parts["data"].load(cfg.seed)
+        if parts["tracking"].enabled:
+            tracking.check_store(tracking.resolve_uri(parts["tracking"].uri))
+        return run_job(cfg, parts, data)
+    job = sweep.Job(cfg)
+    try:  # the sweep's callback has validated every job's config and data before any started
+        parts = validate(cfg)
+        result = run_job(cfg, parts, parts["data"].load(cfg.seed))
+    except Exception as e:  # one failing job never stops the sweep; its run is already FAILED
+        job.failed(e)
+        return None
+    job.finished(result)
+    return result
+
+
+def cli() -> None:
+    """Configuration mistakes end with one line and exit status 2; nothing is written before."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let the errors reach us instead of Hydra's printer
+    started = time.time()
+    try:
+        main()
+    except (ConfigError, HydraException, OmegaConfBaseException) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    log.debug("done in %.1fs", time.time() - started)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,64 @@
+"""Evaluate: test accuracy, sparsity over every denominator, size, FLOPs and measured latency."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+from pipeline.pruning import accounting
+
+
+def test_metrics(model, data) -> dict[str, float]:
+    if not model.compiled:
+        model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    loss, acc = model.evaluate(data.x_test, data.y_test, batch_size=256, verbose=0)
+    return {"accuracy": float(acc), "loss": float(loss)}
+
+
+def gzip_size(model) -> int:
+    """Bytes of the model's saved weights after gzip."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.weights.h5")
+        model.save_weights(path)
+        with open(path, "rb") as f:
+            return len(gzip.compress(f.read(), compresslevel=9))
+
+
+def latency_ms(model, x: np.ndarray, repeats: int) -> float:
+    """Median wall time of one compiled forward pass."""
+    import tensorflow as tf
+
+    forward = tf.function(lambda batch: model(batch, training=False))
+    batch = tf.constant(x)
+    for _ in range(3):
+        forward(batch)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        forward(batch).numpy()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def evaluate(model, data, dense_model=None, small_model=None, latency_repeats: int = 30) -> dict[str, float]:
+    """The eval/ metrics: `model` is the masked model; `small_model` its shrunk form, if any."""
+    final = small_model if small_model is not None else model
+    out = test_metrics(final, data)
+    out.update(accounting.summary(model))
+    out["size_gzip_bytes"] = gzip_size(final)
+    if small_model is not None:
+        out["flops_shrunk"] = accounting.flops(small_model)[0]
+        out["params_shrunk"] = small_model.count_params()
+    if dense_model is not None:
+        for batch in (1, 256):
+            x = np.resize(data.x_test, (batch, *data.x_test.shape[1:])).astype("float32")
+            suffix = "" if batch == 1 else f"_b{batch}"
+            out[f"latency_ms_dense{suffix}"] = latency_ms(dense_model, x, latency_repeats)
+            out[f"latency_ms_pruned{suffix}"] = latency_ms(final, x, latency_repeats)
+        out["speedup_measured"] = out["latency_ms_dense_b256"] / out["latency_ms_pruned_b256"]
+    return out

@@ -1,0 +1,56 @@
+"""Training: the dense baseline, and the shared fit used by fine-tuning."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+from pipeline.config import Phase
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    def __init__(self, stage: str):
+        super().__init__()
+        self.stage, self.epoch = stage, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise TrainingDiverged(f"{self.stage} loss became {float(loss)} at epoch {self.epoch + 1}, "
+                                   f"batch {batch + 1}")
+
+
+def compile_model(model, phase: Phase) -> None:
+    if phase.optimizer == "sgd":
+        opt = keras.optimizers.SGD(phase.lr, momentum=phase.momentum, weight_decay=phase.weight_decay or None)
+    else:
+        opt = keras.optimizers.Adam(phase.lr, weight_decay=phase.weight_decay or None)
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+
+def fit(model, data, phase: Phase, stage: str, callbacks=()) -> dict[str, list[float]]:
+    """Compile and fit for phase.epochs on the training split, validating on the validation split."""
+    compile_model(model, phase)
+    history = model.fit(data.x_train, data.y_train, batch_size=phase.batch_size, epochs=phase.epochs,
+                        validation_data=(data.x_val, data.y_val), shuffle=True, verbose=0,
+                        callbacks=[StopOnNonFinite(stage), *callbacks])
+    return {k: [float(v) for v in vals] for k, vals in history.history.items()}
+
+
+def steps_per_epoch(data, phase: Phase) -> int:
+    return int(np.ceil(len(data.x_train) / phase.batch_size))
+
+
+def train_baseline(model, data, phase: Phase, method) -> dict[str, list[float]]:
+    """Train the dense model, with the method's training-time regularizer if it has one."""
+    method.regularize(model)
+    return fit(model, data, phase, "baseline")

@@ -1,0 +1,140 @@
+"""Sweeps: the Hydra callback that opens the parent run, validates every job before any trains,
+reports progress, and writes the comparison report at the end."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import tracking
+from pipeline.config import ConfigError, validate
+
+log = logging.getLogger("pipeline")
+TOTAL_ENV, START_ENV = "PIPELINE_SWEEP_TOTAL", "PIPELINE_SWEEP_START"
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def job_overrides(config: DictConfig) -> list[list[str]]:
+    """Each job's overrides, expanded as Hydra's basic sweeper expands them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def results_file(config: DictConfig | None = None) -> Path:
+    """Where the jobs of this sweep record how they ended (one JSON line each)."""
+    sweep_dir = config.hydra.sweep.dir if config is not None else HydraConfig.get().sweep.dir
+    return Path(sweep_dir) / "jobs.jsonl"
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+class Job:
+    """One job of a sweep: announces itself and records how it ended."""
+
+    def __init__(self, cfg: DictConfig):
+        self.num = HydraConfig.get().job.num
+        self.total = int(os.environ.get(TOTAL_ENV, 0)) or "?"
+        self.start = time.time()
+        self.name = f"{cfg.method.name}-{cfg.sparsity.target:.2f}"
+        log.info("[job %s of %s] %s started", self.num + 1, self.total, self.name)
+
+    def _record(self, **entry) -> None:
+        entry = {"job": self.num, "name": self.name, "seconds": round(time.time() - self.start, 2), **entry}
+        with open(results_file(), "a") as f:  # one short line per write: appends do not interleave
+            f.write(json.dumps(entry) + "\n")
+        done = len(read_results(results_file()))
+        elapsed = time.time() - float(os.environ.get(START_ENV, self.start))
+        left = (elapsed / done * (self.total - done)) if isinstance(self.total, int) and done else float("nan")
+        log.info("[job %s of %s] %s %s in %.1fs; %d done, elapsed %.0fs, about %.0fs left", self.num + 1,
+                 self.total, self.name, entry["status"].lower(), entry["seconds"], done, elapsed, left)
+
+    def finished(self, result: dict[str, Any]) -> None:
+        status = "SKIPPED" if result.get("skipped") else "FINISHED"
+        self._record(status=status, run_id=result.get("run_id"), accuracy=result.get("accuracy"))
+
+    def failed(self, error: BaseException) -> None:
+        log.error("[job %s] %s failed: %s: %s", self.num + 1, self.name, type(error).__name__, error)
+        self._record(status="FAILED", error=f"{type(error).__name__}: {error}")
+
+
+class SweepCallback(Callback):
+    """Validates the whole sweep, opens the parent run, and closes it with the report."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            self._start(config)
+        except ConfigError as e:  # Hydra turns a callback's exception into a warning: stop here instead
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    def _start(self, config: DictConfig) -> None:
+        from hydra import compose
+
+        jobs = job_overrides(config)
+        name = config.hydra.job.config_name
+        configs = [compose(config_name=name, overrides=overrides) for overrides in jobs]
+        parts = [validate(cfg) for cfg in configs]  # every job's config is checked before any trains
+        loaded = set()
+        for cfg, part in zip(configs, parts):  # and every data set is found and readable
+            key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True) + str(cfg.seed)
+            if key not in loaded:
+                loaded.add(key)
+                part["data"].load(cfg.seed)
+        track = parts[0]["tracking"]
+        os.environ[TOTAL_ENV], os.environ[START_ENV] = str(len(jobs)), str(time.time())
+        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        results_file(config).unlink(missing_ok=True)
+        self.track = track
+        if not track.enabled:
+            return
+        uri = tracking.resolve_uri(track.uri)
+        tracking.check_store(uri)
+        client = tracking.client(uri)  # the database and experiment exist before any worker starts
+        exp_id = tracking.experiment_id(client, track.experiment, uri)
+        parent = client.create_run(exp_id, run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
+                                   tags={"kind": "sweep", "jobs": str(len(jobs)),
+                                         "overrides": " ".join(config.hydra.overrides.task)})
+        os.environ[tracking.PARENT_ENV] = parent.info.run_id
+        self.client, self.parent = client, parent.info.run_id
+        log.info("sweep of %d jobs, parent run %s in %s", len(jobs), self.parent, uri)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        results = read_results(results_file(config))
+        failed = [r for r in results if r["status"] == "FAILED"]
+        if getattr(self, "parent", None):
+            from pipeline import report
+
+            run_ids = [r["run_id"] for r in results if r.get("run_id")]
+            out = Path(config.hydra.sweep.dir) / "report"
+            try:
+                report.write(self.client, run_ids, out)
+                for path in sorted(out.iterdir()):
+                    self.client.log_artifact(self.parent, str(path), "report")
+                log.info("report: %s", out)
+            finally:
+                self.client.set_terminated(self.parent, "FAILED" if failed else "FINISHED")
+        counts = {s: sum(r["status"] == s for r in results) for s in ("FINISHED", "SKIPPED", "FAILED")}
+        log.info("sweep done: %d finished, %d skipped (already finished), %d failed", *counts.values())
+        if failed:
+            for r in failed:
+                log.error("  failed: job %d %s: %s", r["job"] + 1, r["name"], r["error"])
+            sys.exit(1)

@@ -1,0 +1,47 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = str(REPO / "conf")
+
+
+def compose_config(overrides=()):
+    with initialize_config_dir(CONF, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def run_pipeline(args, tmp_path, check=True, timeout=600, env=None):
+    """python -m pipeline.run as a user runs it, into a tracking store under tmp_path."""
+    cmd = [sys.executable, "-m", "pipeline.run", *args]
+    if not any(a.startswith("tracking.uri=") for a in args):
+        cmd.append(f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        cmd += [f"hydra.run.dir={tmp_path}/outputs", f"hydra.sweep.dir={tmp_path}/multirun"]
+    full_env = {**os.environ, "PYTHONHASHSEED": "0", **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture
+def client_for():
+    from mlflow.tracking import MlflowClient
+
+    return lambda tmp_path: MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from pipeline.data import Digits
+
+    return Digits().load(0)
