@@ -90,6 +90,7 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
         small, kept = shrink(model)
         metrics = evaluate(model, data, dense_model=dense, small_model=small if kept else None)
         run.metrics(metrics, prefix="eval/")
+        run.metrics(accounting.layer_sparsity(model))
 
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)

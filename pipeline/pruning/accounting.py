@@ -63,5 +63,9 @@ def summary(model) -> dict[str, float]:
         "flops_effective": macs_effective,
         "speedup_theoretical": macs_dense / max(macs_effective, 1),
     }
-    out.update({f"layer/{r['layer']}/sparsity": r["sparsity"] for r in rows})
     return out
+
+
+def layer_sparsity(model) -> dict[str, float]:
+    """layer/<name>/sparsity for every conv and dense layer."""
+    return {f"layer/{r['layer']}/sparsity": r["sparsity"] for r in layer_rows(model)}

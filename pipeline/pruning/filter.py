@@ -3,7 +3,7 @@ with what they feed forward (bias, BatchNorm, the next layer's input channels)."
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -16,9 +16,10 @@ from pipeline.pruning.masks import merge
 @dataclass
 class Filter(PruningMethod):
     name: str = "filter"
-    ratios: dict[str, float] = field(default_factory=dict)  # per-layer prune rates overriding the target
+    ratios: dict[str, float] | None = None  # per-layer prune rates overriding the target
 
     def __post_init__(self):
+        self.ratios = dict(self.ratios or {})
         for layer, ratio in self.ratios.items():
             require(0 <= ratio < 1, f"ratios.{layer}", ratio, "a number in [0, 1)")
 

@@ -1,0 +1,90 @@
+"""Sweeps: one baseline shared by the jobs, nested runs under one parent, the report, resume, failures."""
+
+import json
+
+import pytest
+from conftest import run_pipeline
+
+SMOKE = ["training=smoke"]
+
+
+def runs_by_kind(client):
+    exp = client.get_experiment_by_name("pruning")
+    runs = client.search_runs([exp.experiment_id])
+    out = {}
+    for r in runs:
+        out.setdefault(r.data.tags.get("kind", "job"), []).append(r)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    from mlflow.tracking import MlflowClient
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    proc = run_pipeline(["-m", "method=magnitude,hybrid", "sparsity.target=0.3,0.6", *SMOKE], tmp)
+    return tmp, MlflowClient(f"sqlite:///{tmp}/mlflow.db"), proc
+
+
+def test_sweep_nests_jobs_under_one_parent_and_trains_one_baseline(sweep):
+    tmp, client, proc = sweep
+    kinds = runs_by_kind(client)
+    assert len(kinds["sweep"]) == 1 and len(kinds["baseline"]) == 1 and len(kinds["job"]) == 4
+    parent = kinds["sweep"][0]
+    assert parent.info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in kinds["job"]} == {parent.info.run_id}
+    assert {r.info.run_name for r in kinds["job"]} == {"magnitude-0.30", "magnitude-0.60", "hybrid-0.30",
+                                                       "hybrid-0.60"}
+    assert len({r.data.tags["baseline_hash"] for r in kinds["job"]}) == 1
+    assert sum(r.data.tags["baseline_trained_here"] == "true" for r in kinds["job"]) == 1
+    assert "[job 4 of 4]" in proc.stderr + proc.stdout
+
+
+def test_report_is_logged_on_the_parent(sweep):
+    tmp, client, _ = sweep
+    parent = runs_by_kind(client)["sweep"][0]
+    files = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/results.csv", "report/results.md"} <= files
+    assert any(f.endswith(".png") for f in files)
+    import pandas as pd
+
+    table = pd.read_csv(client.download_artifacts(parent.info.run_id, "report/results.csv", str(tmp)))
+    assert len(table) == 4
+    assert set(table["method"]) == {"magnitude", "hybrid"}
+    assert table["acc_finetuned"].between(0, 1).all()
+    mag = table[table["method"] == "magnitude"].sort_values("target")
+    assert mag["sparsity"].is_monotonic_increasing
+
+
+def test_rerun_skips_every_finished_job(sweep):
+    tmp, client, _ = sweep
+    before = len(runs_by_kind(client)["job"])
+    proc = run_pipeline(["-m", "method=magnitude,hybrid", "sparsity.target=0.3,0.6", *SMOKE], tmp)
+    assert "4 skipped" in proc.stderr + proc.stdout
+    assert len(runs_by_kind(client)["job"]) == before
+
+
+def test_failing_job_is_failed_and_the_others_finish(tmp_path, client_for):
+    # The second ratios map names a layer that does not exist: that job fails when it prunes.
+    proc = run_pipeline(["-m", "method=filter", "method.ratios={conv1:0.5},{nope:0.5}", "sparsity.target=0.5", *SMOKE], tmp_path,
+                        check=False)
+    assert proc.returncode == 1
+    out = proc.stdout + proc.stderr
+    assert "1 failed" in out and "nope" in out
+    jobs = runs_by_kind(client_for(tmp_path))["job"]
+    status = sorted(r.info.status for r in jobs)
+    assert status == ["FAILED", "FINISHED"]
+    failed = next(r for r in jobs if r.info.status == "FAILED")
+    assert "nope" in failed.data.tags["error"]
+    lines = [json.loads(x) for x in next(tmp_path.glob("multirun/jobs.jsonl")).read_text().splitlines()]
+    assert sorted(x["status"] for x in lines) == ["FAILED", "FINISHED"]
+
+
+def test_joblib_workers_share_one_baseline(tmp_path, client_for):
+    run_pipeline(["-m", "method=magnitude,random", "sparsity.target=0.5", "hydra/launcher=joblib",
+                  "hydra.launcher.n_jobs=2", *SMOKE], tmp_path)
+    kinds = runs_by_kind(client_for(tmp_path))
+    assert len(kinds["baseline"]) == 1
+    assert [r.info.status for r in kinds["job"]] == ["FINISHED", "FINISHED"]
+    assert sorted(r.data.tags["baseline_trained_here"] for r in kinds["job"]) == ["false", "true"]
+    assert len({r.data.tags["pid"] for r in kinds["job"]}) == 2  # really two processes
