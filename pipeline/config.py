@@ -75,6 +75,12 @@ class Tracking:
 
 
 PLAIN_SCHEMAS = {"training": Training, "tracking": Tracking}
+GROUP_BASES = {  # what a `_target_` of each group may name: a dataclass deriving from these
+    "data": "pipeline.data.DataSource",
+    "model": "pipeline.models.ModelSpec",
+    "method": "pipeline.pruning.base.PruningMethod",
+    "sparsity": "pipeline.pruning.schedule.Schedule",
+}
 
 
 def _schema_of(group: str, node: DictConfig) -> type:
@@ -85,9 +91,11 @@ def _schema_of(group: str, node: DictConfig) -> type:
     target = node.get("_target_")
     require(isinstance(target, str), f"{group}._target_", target, "the dotted path of a class")
     try:
-        return get_class(target)
+        cls, base = get_class(target), get_class(GROUP_BASES[group])
     except Exception as e:
         raise ConfigError(f"{group}._target_={target!r} cannot be imported: {e}") from None
+    require(issubclass(cls, base), f"{group}._target_", target, f"a subclass of {GROUP_BASES[group]}")
+    return cls
 
 
 def _one_line(e: OmegaConfBaseException, group: str) -> str:
@@ -101,8 +109,6 @@ def _one_line(e: OmegaConfBaseException, group: str) -> str:
 def build(group: str, node: DictConfig) -> Any:
     """Check one group's node against its schema and return the constructed object."""
     schema = _schema_of(group, node)
-    if not dataclasses.is_dataclass(schema):
-        raise ConfigError(f"{group}._target_ must name a dataclass, got {schema.__name__}")
     values = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_target_"}
     allowed = sorted(f.name for f in dataclasses.fields(schema))
     for key in values:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.config import require
+from pipeline.config import ConfigError, require
 
 
 @dataclass
@@ -14,6 +14,15 @@ class ModelSpec:
 
     def build(self, input_shape: tuple[int, ...], num_classes: int):
         raise NotImplementedError
+
+
+def check_fits(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """Stop with one line if the model cannot be built for this data (e.g. images too small)."""
+    try:
+        spec.build(input_shape, num_classes)
+    except ValueError as e:
+        raise ConfigError(f"model={spec.name} does not fit images of shape {input_shape}: "
+                          f"{' '.join(str(e).split())}") from None
 
 
 def _check_padding(padding: str) -> None:

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from pipeline import sweep, tracking  # noqa: E402
 from pipeline.config import ConfigError, config_hash, flatten, job_config, validate  # noqa: E402
+from pipeline.models import check_fits  # noqa: E402
 
 log = logging.getLogger("pipeline")
 
@@ -115,10 +116,14 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig):
     if not sweep.in_multirun():
-        parts = validate(cfg)
-        data = parts["data"].load(cfg.seed)
-        if parts["tracking"].enabled:
-            tracking.check_store(tracking.resolve_uri(parts["tracking"].uri))
+        try:
+            parts = validate(cfg)
+            data = parts["data"].load(cfg.seed)
+            check_fits(parts["model"], data.input_shape, data.num_classes)
+            if parts["tracking"].enabled:
+                tracking.check_store(tracking.resolve_uri(parts["tracking"].uri))
+        except ConfigError as e:
+            exit_config_error(e)  # here, not in cli(): Hydra would print a job error line first
         return run_job(cfg, parts, data)
     job = sweep.Job(cfg)
     try:  # the sweep's callback has validated every job's config and data before any started
@@ -131,6 +136,11 @@ def main(cfg: DictConfig):
     return result
 
 
+def exit_config_error(e: Exception) -> None:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
 def cli() -> None:
     """Configuration mistakes end with one line and exit status 2; nothing is written before."""
     from hydra.errors import HydraException
@@ -141,8 +151,7 @@ def cli() -> None:
     try:
         main()
     except (ConfigError, HydraException, OmegaConfBaseException) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
+        exit_config_error(e)
     log.debug("done in %.1fs", time.time() - started)
 
 

@@ -3,6 +3,7 @@ reports progress, and writes the comparison report at the end."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import tracking
 from pipeline.config import ConfigError, validate
+from pipeline.models import check_fits
 
 log = logging.getLogger("pipeline")
 TOTAL_ENV, START_ENV = "PIPELINE_SWEEP_TOTAL", "PIPELINE_SWEEP_START"
@@ -79,11 +81,13 @@ class Job:
 class SweepCallback(Callback):
     """Validates the whole sweep, opens the parent run, and closes it with the report."""
 
+    parent: str | None = None
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             self._start(config)
         except ConfigError as e:  # Hydra turns a callback's exception into a warning: stop here instead
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
             sys.exit(2)
 
     def _start(self, config: DictConfig) -> None:
@@ -98,7 +102,8 @@ class SweepCallback(Callback):
             key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True) + str(cfg.seed)
             if key not in loaded:
                 loaded.add(key)
-                part["data"].load(cfg.seed)
+                data = part["data"].load(cfg.seed)
+            check_fits(part["model"], data.input_shape, data.num_classes)
         track = parts[0]["tracking"]
         os.environ[TOTAL_ENV], os.environ[START_ENV] = str(len(jobs)), str(time.time())
         Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
@@ -115,12 +120,18 @@ class SweepCallback(Callback):
                                          "overrides": " ".join(config.hydra.overrides.task)})
         os.environ[tracking.PARENT_ENV] = parent.info.run_id
         self.client, self.parent = client, parent.info.run_id
+        atexit.register(self._close_parent, "KILLED")  # interrupted (Ctrl-C): the parent is not left RUNNING
         log.info("sweep of %d jobs, parent run %s in %s", len(jobs), self.parent, uri)
+
+    def _close_parent(self, status: str) -> None:
+        if self.parent:
+            self.client.set_terminated(self.parent, status)
+            self.parent = None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         results = read_results(results_file(config))
         failed = [r for r in results if r["status"] == "FAILED"]
-        if getattr(self, "parent", None):
+        if self.parent:
             from pipeline import report
 
             run_ids = [r["run_id"] for r in results if r.get("run_id")]
@@ -131,7 +142,7 @@ class SweepCallback(Callback):
                     self.client.log_artifact(self.parent, str(path), "report")
                 log.info("report: %s", out)
             finally:
-                self.client.set_terminated(self.parent, "FAILED" if failed else "FINISHED")
+                self._close_parent("FAILED" if failed else "FINISHED")
         counts = {s: sum(r["status"] == s for r in results) for s in ("FINISHED", "SKIPPED", "FAILED")}
         log.info("sweep done: %d finished, %d skipped (already finished), %d failed", *counts.values())
         if failed:

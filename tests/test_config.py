@@ -42,6 +42,8 @@ def test_defaults_are_the_studys_setup():
     ("method.scope=everywhere", "method.scope"),
     ("model.filters=three", "model.filters"),
     ("seed=-3", "seed"),
+    ("method._target_=os.system", "method._target_"),
+    ("method._target_=pipeline.models.SeedCNN", "a subclass of pipeline.pruning.base.PruningMethod"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
@@ -56,13 +58,18 @@ def test_bad_values_name_the_key(override, needle):
     (["training.baseline.epochs=-2"], "training.baseline.epochs"),
     (["training.baseline.epochs=ten"], "training.baseline.epochs"),
     (["-m", "method=magnitude,filter", "sparsity.target=0.5,1.2"], "sparsity.target=1.2"),
+    (["model.padding=valid"], "does not fit images of shape (8, 8, 1)"),
+    (["-m", "model.padding=same,valid"], "does not fit images of shape (8, 8, 1)"),
+    (["tracking.uri=file:./mlruns"], "file store is not supported"),
+    (["tracking.uri=http://127.0.0.1:9"], "cannot reach the tracking server"),
 ])
 def test_cli_rejects_bad_input_with_exit_2_and_writes_nothing(tmp_path, args, needle):
-    proc = subprocess.run([sys.executable, "-m", "pipeline.run", *args, f"tracking.uri=sqlite:///{tmp_path}/m.db",
+    uri = [] if any(a.startswith("tracking.uri") for a in args) else [f"tracking.uri=sqlite:///{tmp_path}/m.db"]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run", *args, *uri,
                            f"hydra.sweep.dir={tmp_path}/sweep", f"hydra.run.dir={tmp_path}/run"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error: ") and needle in lines[-1], proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "INFO mlflow" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "m.db").exists()
