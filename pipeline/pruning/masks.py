@@ -54,6 +54,7 @@ class MaskedModel:
             self.mask_vars[path] = keras.Variable(np.asarray(m, "float32"), trainable=False,
                                                   name=path.replace("/", "_") + "_mask")
             var.constraint = MaskConstraint(self.mask_vars[path])
+        model.train_function = None  # a step traced before the constraints existed would ignore them
         self.masks = {p: np.asarray(m, bool).copy() for p, m in masks.items()}
         self.apply()
 
@@ -72,6 +73,7 @@ class MaskedModel:
     def detach(self) -> None:
         for path in self.masks:
             self.variables[path].constraint = None
+        self.model.train_function = None
 
 
 def save_masks(masks: Masks, path) -> None:

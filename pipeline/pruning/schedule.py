@@ -50,7 +50,7 @@ class Iterative(Schedule):
         return self.target / self.rounds
 
     def update_at(self, step, total):
-        for k in range(1, self.rounds):
+        for k in range(self.rounds - 1, 0, -1):  # the latest round wins when rounds share a step
             if step == k * total // self.rounds:
                 return self.target * (k + 1) / self.rounds
         return None
@@ -78,13 +78,19 @@ class Gradual(Schedule):
     def initial(self):
         return self.initial_sparsity
 
+    def window(self, total: int) -> tuple[int, int]:
+        """First and last step of the ramp; the last is never past the final step of fine-tuning."""
+        last = max(total - 1, 0)
+        begin = min(int(self.begin * total), last)
+        return begin, min(max(begin + 1, int(self.end * total)), last)
+
     def sparsity(self, step: int, total: int) -> float:
-        begin, end = int(self.begin * total), max(int(self.begin * total) + 1, int(self.end * total))
-        t = min(max((step - begin) / (end - begin), 0.0), 1.0)
+        begin, end = self.window(total)
+        t = min(max((step - begin) / (end - begin), 0.0), 1.0) if end > begin else float(step >= end)
         return self.target + (self.initial_sparsity - self.target) * (1 - t) ** 3
 
     def update_at(self, step, total):
-        begin, end = int(self.begin * total), max(int(self.begin * total) + 1, int(self.end * total))
+        begin, end = self.window(total)
         if step == end or (begin <= step < end and (step - begin) % self.frequency == 0):
             return self.sparsity(step, total)
         return None

@@ -1,0 +1,256 @@
+"""python -m pipeline.sensitivity: how much each conv layer's test accuracy suffers when only its filters
+are pruned, without fine-tuning (Li et al. 2017, sec. 4.1) -- and the per-layer rates that follow.
+
+For each layer with prunable filters (pipeline.pruning.graph.channel_groups) and each rate of
+sensitivity.ratios, the L1-norm method prunes that layer alone (Filter(ratios={layer: r}) at target 0),
+the test accuracy is measured, and the weights are restored. The baseline is trained (or reused) exactly
+as python -m pipeline.run does, so both share the cached model. One MLflow run `sensitivity-<model>`
+(tag kind=sensitivity) gets the metrics sensitivity/<layer>/accuracy (step = rate in percent), the table
+sensitivity.csv, the plot sensitivity.png and filter_ratios.yaml: for each layer the largest rate whose
+accuracy drop is <= sensitivity.max_drop, a mapping ready for method.ratios. The matching override for
+python -m pipeline.run is printed.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import logging  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError  # noqa: E402
+
+from pipeline import tracking  # noqa: E402
+from pipeline.config import ConfigError, _one_line, flatten, job_config, require, validate  # noqa: E402
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger("pipeline")
+TOLERANCE = 1e-9  # accuracies are fractions of the test set: compare drops without float noise
+
+
+@dataclass
+class Sensitivity:
+    ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    max_drop: float = 0.02
+
+    def __post_init__(self):
+        require(len(self.ratios) > 0 and all(0 < r < 1 for r in self.ratios), "ratios", self.ratios,
+                "a non-empty list of numbers in (0, 1)")
+        require(self.max_drop >= 0, "max_drop", self.max_drop, "a number >= 0")
+
+
+def settings(node) -> Sensitivity:
+    """The sensitivity block of the config, checked."""
+    if node is None:
+        return Sensitivity()
+    require(isinstance(node, DictConfig), "sensitivity", node, "a mapping with ratios and max_drop")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Sensitivity), node))
+    except (ValidationError, ConfigKeyError) as e:
+        raise ConfigError(_one_line(e, "sensitivity")) from None
+    except ConfigError as e:
+        raise ConfigError(f"sensitivity.{e}") from None
+
+
+def scan(model, data, ratios) -> pd.DataFrame:
+    """Test accuracy with one layer's filters pruned at each rate (0 included), no fine-tuning.
+
+    Columns: layer, ratio, accuracy, drop (= the layer's accuracy at rate 0 minus accuracy). The model's
+    weights are the same afterwards."""
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.pruning.filter import Filter
+    from pipeline.pruning.graph import channel_groups
+    from pipeline.pruning.masks import variables_by_path
+    from pipeline.stages.evaluate import test_metrics
+
+    rates = sorted({0.0, *(float(r) for r in ratios)})
+    variables = variables_by_path(model)
+    original = model.get_weights()
+    rows = []
+    try:
+        for group in channel_groups(model):
+            for rate in rates:
+                masks = Filter(ratios={group.name: rate}).masks(model, 0.0)
+                for path, mask in masks.items():
+                    if not mask.all():
+                        var = variables[path]
+                        var.assign(np.asarray(var.numpy()) * mask)
+                rows.append({"layer": group.name, "ratio": rate,
+                             "accuracy": test_metrics(model, data)["accuracy"]})
+                model.set_weights(original)
+    finally:
+        model.set_weights(original)
+    df = pd.DataFrame(rows, columns=["layer", "ratio", "accuracy"])
+    reference = df[df["ratio"] == 0.0].set_index("layer")["accuracy"]
+    df["drop"] = df["layer"].map(reference) - df["accuracy"]
+    return df
+
+
+def suggest(df, max_drop: float) -> dict[str, float]:
+    """Per layer (in the table's order), the largest rate whose accuracy drop is <= max_drop (0 if none)."""
+    out = {}
+    for layer, rows in df.groupby("layer", sort=False):
+        ok = rows[rows["drop"] <= max_drop + TOLERANCE]
+        out[str(layer)] = round(float(ok["ratio"].max()), 4) if len(ok) else 0.0
+    return out
+
+
+def ratios_yaml(ratios: dict[str, float]) -> str:
+    """A YAML mapping usable as method.ratios."""
+    import yaml
+
+    return yaml.safe_dump(ratios, sort_keys=False, default_flow_style=False)
+
+
+def override(ratios: dict[str, float]) -> str:
+    """The python -m pipeline.run overrides (shell-quoted) that apply these per-layer rates."""
+    body = ",".join(f"{layer}:{float(rate)}" for layer, rate in ratios.items())
+    return f"method=filter '++method.ratios={{{body}}}'"
+
+
+def plot(df, path: Path, max_drop: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for layer, rows in df.groupby("layer", sort=False):
+        ax.plot(rows["ratio"], rows["accuracy"], marker="o", label=str(layer))
+    baseline = float(df[df["ratio"] == 0.0]["accuracy"].mean())
+    ax.axhline(baseline - max_drop, color="grey", linestyle=":", label=f"baseline - {max_drop:g}")
+    ax.set_xlabel("fraction of the layer's filters pruned (smallest L1 norm)")
+    ax.set_ylabel("test accuracy (no fine-tuning)")
+    ax.set_title("Sensitivity to filter pruning, one layer at a time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_scan(cfg: DictConfig, parts: dict, data, sens: Sensitivity, out_dir: Path) -> dict:
+    import keras
+    import tensorflow as tf
+
+    from pipeline import baseline
+    from pipeline.stages.evaluate import test_metrics
+    from pipeline.stages.train import train_baseline
+
+    method, spec, training, track = (parts[k] for k in ("method", "model", "training", "tracking"))
+    keras.utils.set_random_seed(cfg.seed)
+    if training.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    conf = job_config(cfg)
+    uri = tracking.resolve_uri(track.uri)
+    client = tracking.client(uri) if track.enabled else None
+    exp_id = tracking.experiment_id(client, track.experiment, uri) if client else None
+
+    build = lambda: spec.build(data.input_shape, data.num_classes)  # noqa: E731
+    spec_b = baseline.baseline_spec(conf, method.penalty(build()))
+
+    def log_baseline_run(key, trained, history, path):  # as pipeline.run logs a baseline it trained
+        if client is None:
+            return
+        btags = {"kind": "baseline", "baseline_hash": key}
+        with tracking.Run(client, exp_id, f"baseline-{key[:8]}", btags) as b:
+            b.params(flatten(spec_b))
+            tracking.log_history(client, b.id, "baseline", history)
+            b.metrics(test_metrics(trained, data), prefix="baseline/")
+            b.artifact(path, "model")
+
+    # no config_hash tag: report and verify take runs with one for jobs of python -m pipeline.run
+    tags = {"kind": "sensitivity", "model": spec.name}
+    with tracking.Run(client, exp_id, f"sensitivity-{spec.name}", tags) as run:
+        run.params(flatten(conf))
+        run.text(OmegaConf.to_yaml(conf), "config.yaml")
+        model, bhash, trained = baseline.obtain(
+            spec_b, tracking.store_dir(uri) / "baselines", build,
+            lambda m: train_baseline(m, data, training.baseline, method), log_baseline_run)
+        run.tag("baseline_hash", bhash)
+        run.tag("baseline_trained_here", str(trained).lower())
+        run.metrics(test_metrics(model, data), prefix="baseline/")
+
+        df = scan(model, data, sens.ratios)
+        for rate, rows in df.groupby("ratio"):
+            run.metrics({f"sensitivity/{r.layer}/accuracy": r.accuracy for r in rows.itertuples()},
+                        step=round(rate * 100))
+        suggested = suggest(df, sens.max_drop)
+        line = override(suggested)
+        run.metrics({f"suggested/{layer}/ratio": rate for layer, rate in suggested.items()})
+        run.tag("suggested_override", line)
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        df.to_csv(out_dir / "sensitivity.csv", index=False)
+        plot(df, out_dir / "sensitivity.png", sens.max_drop)
+        header = (f"# method.ratios: per layer, the largest filter-pruning rate whose test-accuracy drop "
+                  f"without fine-tuning is <= {sens.max_drop:g}\n# python -m pipeline.run {line}\n")
+        (out_dir / "filter_ratios.yaml").write_text(header + ratios_yaml(suggested))
+        for name in ("sensitivity.csv", "sensitivity.png", "filter_ratios.yaml"):
+            run.artifact(out_dir / name)
+
+    table = df.pivot(index="ratio", columns="layer", values="accuracy")[list(suggested)]
+    print(f"test accuracy, one layer's filters pruned (no fine-tuning), baseline "
+          f"{run.logged['baseline/accuracy']:.4f}:\n{table.to_string(float_format=lambda v: f'{v:.4f}')}")
+    print(f"suggested per-layer rates (drop <= {sens.max_drop:g}): {suggested}")
+    print(f"python -m pipeline.run {line}")
+    log.info("sensitivity-%s written to %s (run %s)", spec.name, out_dir, run.id)
+    return {"run_id": run.id, "ratios": suggested}
+
+
+def _check_prunable(spec, data) -> None:
+    from pipeline.pruning.graph import channel_groups
+
+    if not channel_groups(spec.build(data.input_shape, data.num_classes)):
+        raise ConfigError(f"model={spec.name} has no conv layer whose filters can be pruned on their own")
+
+
+def _fail(e: Exception) -> None:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sensitivity")
+def main(cfg: DictConfig):
+    from hydra.core.hydra_config import HydraConfig
+
+    try:  # configuration and data mistakes: one line, exit 2, nothing written
+        sens = settings(cfg.get("sensitivity"))
+        regular = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "sensitivity"])
+        parts = validate(regular)
+        data = parts["data"].load(cfg.seed)
+        _check_prunable(parts["model"], data)
+        if parts["tracking"].enabled:
+            tracking.check_store(tracking.resolve_uri(parts["tracking"].uri))
+    except ConfigError as e:
+        _fail(e)
+    return run_scan(cfg, parts, data, sens, Path(HydraConfig.get().runtime.output_dir))
+
+
+def cli() -> None:
+    """As pipeline.run.cli: configuration mistakes end with one line and exit status 2."""
+    from hydra.errors import HydraException
+
+    if any(a in ("-m", "--multirun") or a.startswith("--multirun=") for a in sys.argv[1:]):
+        _fail(ConfigError("pipeline.sensitivity runs one scan; --multirun is not supported"))
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        main()
+    except (ConfigError, HydraException, OmegaConfBaseException) as e:
+        _fail(e)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,143 @@
+"""Masks hold inside every training step: a pruned weight is exactly 0.0 after every batch."""
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline.config import Phase
+from pipeline.models import VGGBN, SeedCNN
+from pipeline.pruning.callback import ScheduleMasks
+from pipeline.pruning.filter import Filter
+from pipeline.pruning.magnitude import Magnitude
+from pipeline.pruning.masks import MaskedModel, load_masks, merge, save_masks
+from pipeline.pruning.schedule import Gradual, OneShot
+from pipeline.stages.finetune import finetune
+from pipeline.stages.prune import prune
+from pipeline.stages.train import compile_model
+
+
+@pytest.fixture(scope="module")
+def few(digits):
+    """The digits with a small training split: a few steps per epoch."""
+    return dataclasses.replace(digits, x_train=digits.x_train[:512], y_train=digits.y_train[:512],
+                               x_val=digits.x_val[:64], y_val=digits.y_val[:64])
+
+
+def masked_values(masked) -> dict[str, np.ndarray]:
+    """The current values of every weight its mask prunes."""
+    return {p: masked.variables[p].numpy()[~m] for p, m in masked.masks.items()}
+
+
+def assert_pruned_are_zero(masked, where=""):
+    for path, values in masked_values(masked).items():
+        assert np.all(values == 0.0), f"{path}: {np.count_nonzero(values)} pruned weights non-zero {where}"
+
+
+class CheckEveryBatch(keras.callbacks.Callback):
+    def __init__(self, masked):
+        super().__init__()
+        self.masked, self.batches = masked, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        assert_pruned_are_zero(self.masked, f"after batch {self.batches}")
+        self.batches += 1
+
+
+def small_vgg(data):
+    keras.utils.set_random_seed(0)
+    return VGGBN(widths=[4, 8], pool_after=[1], hidden=16).build(data.input_shape, data.num_classes)
+
+
+def test_finetune_keeps_pruned_weights_zero(few):
+    keras.utils.set_random_seed(0)
+    model = SeedCNN().build(few.input_shape, few.num_classes)
+    masked = prune(model, Magnitude(), 0.6, seed=0)
+    before = {p: v.numpy().copy() for p, v in masked.variables.items()}
+    finetune(masked, few, Phase(epochs=1, lr=0.01), Magnitude(), OneShot(target=0.6), seed=0)
+    assert_pruned_are_zero(masked)
+    kept = masked.masks["dense1/kernel"]
+    assert not np.array_equal(masked.variables["dense1/kernel"].numpy()[kept], before["dense1/kernel"][kept])
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_pruned_weights_stay_zero_between_batches(few, optimizer):
+    """Momentum and Adam moments would move a pruned weight off zero without the constraint."""
+    model = small_vgg(few)
+    method = Filter()
+    masked = MaskedModel(model, merge(method.masks(model, 0.5), Magnitude().masks(model, 0.5)))
+    assert any(p.endswith("gamma") for p in masked.masks)
+    phase = Phase(epochs=1, batch_size=128, optimizer=optimizer, lr=0.05, momentum=0.9)
+    compile_model(model, phase)
+    check = CheckEveryBatch(masked)
+    model.fit(few.x_train, few.y_train, batch_size=phase.batch_size, epochs=1, verbose=0, callbacks=[check])
+    assert check.batches == int(np.ceil(len(few.x_train) / phase.batch_size))
+    gamma = masked.masks["bn1/gamma"]
+    assert np.all(masked.variables["bn1/gamma"].numpy()[gamma] != 1.0)  # the kept ones did train
+
+
+def test_masks_hold_on_a_model_trained_before_pruning(few):
+    """model.fit after MaskedModel, without compiling again: the step traced before must not be reused."""
+    model = small_vgg(few)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(few.x_train, few.y_train, batch_size=256, epochs=1, verbose=0)
+    masked = MaskedModel(model, Magnitude().masks(model, 0.5))
+    check = CheckEveryBatch(masked)
+    model.fit(few.x_train, few.y_train, batch_size=256, epochs=1, verbose=0, callbacks=[check])
+    assert check.batches > 1
+
+
+def test_masks_changed_mid_training_hold_from_the_next_batch(few):
+    """A schedule that grows the masks during fit: the compiled step sees each new mask."""
+    keras.utils.set_random_seed(0)
+    model = SeedCNN().build(few.input_shape, few.num_classes)
+    schedule = Gradual(target=0.8, initial_sparsity=0.2, begin=0.0, end=0.5, frequency=2)
+    masked = prune(model, Magnitude(), schedule.initial, seed=0)
+    phase = Phase(epochs=1, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9)
+    total = int(np.ceil(len(few.x_train) / phase.batch_size))
+    follow = ScheduleMasks(masked, Magnitude(), schedule, total, seed=0)
+    check = CheckEveryBatch(masked)
+    compile_model(model, phase)
+    model.fit(few.x_train, few.y_train, batch_size=phase.batch_size, epochs=1, verbose=0,
+              callbacks=[follow, check])
+    assert len(follow.targets) > 2 and follow.targets[-1][1] == pytest.approx(0.8)
+    assert check.batches == total
+
+
+def test_constraints_are_removed_on_detach():
+    model = SeedCNN().build((8, 8, 1), 10)
+    masked = MaskedModel(model, Magnitude().masks(model, 0.5))
+    assert model.get_layer("conv1").kernel.constraint is not None
+    masked.detach()
+    assert all(v.constraint is None for v in model.weights)
+
+
+def test_unknown_mask_paths_are_rejected():
+    model = SeedCNN().build((8, 8, 1), 10)
+    with pytest.raises(KeyError, match="nope/kernel"):
+        MaskedModel(model, {"nope/kernel": np.ones(3, bool)})
+
+
+def test_update_never_revives_a_pruned_weight():
+    model = SeedCNN().build((8, 8, 1), 10)
+    masked = MaskedModel(model, Magnitude().masks(model, 0.5))
+    old = {p: m.copy() for p, m in masked.masks.items()}
+    masked.update({p: np.ones_like(m) for p, m in old.items()})
+    for p, m in old.items():
+        np.testing.assert_array_equal(masked.masks[p], m)
+    assert_pruned_are_zero(masked)
+
+
+def test_masks_save_and_load_round_trip(tmp_path):
+    model = VGGBN(widths=[4, 8], pool_after=[1], hidden=16).build((8, 8, 1), 10)
+    masks = Filter().masks(model, 0.5)
+    path = tmp_path / "masks.npz"
+    save_masks(masks, path)
+    loaded = load_masks(path)
+    assert set(loaded) == set(masks)
+    assert {"conv1/kernel", "bn1/gamma", "bn1/beta", "conv2/kernel", "dense1/kernel"} <= set(loaded)
+    for key, mask in masks.items():
+        assert loaded[key].dtype == bool
+        np.testing.assert_array_equal(loaded[key], mask)
+    MaskedModel(model, loaded)  # the loaded keys still name the model's weights
