@@ -11,8 +11,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from filelock import FileLock
 
@@ -70,3 +71,40 @@ def obtain(spec: dict[str, Any], cache: Path, build: Callable, train: Callable,
         if on_trained is not None:
             on_trained(key, model, history, folder / "model.keras")
         return model, key, True
+
+
+def for_job(conf: dict[str, Any], parts: dict, data, client, exp_id, uri: str):
+    """The job's trained dense model: (model, hash, trained_now). A baseline trained here is logged once,
+    as its own run (tag kind=baseline)."""
+    from pipeline import tracking
+    from pipeline.config import flatten
+    from pipeline.stages.evaluate import test_metrics
+    from pipeline.stages.train import train_baseline
+
+    method, spec, phase = parts["method"], parts["model"], parts["training"].baseline
+    build = lambda: spec.build(data.input_shape, data.num_classes)  # noqa: E731
+    spec_b = baseline_spec(conf, method.penalty(build()))
+
+    def log_run(key, trained, history, path):
+        if client is None:
+            return
+        tags = {"kind": "baseline", "baseline_hash": key}
+        with tracking.Run(client, exp_id, f"baseline-{key[:8]}", tags) as b:
+            b.params(flatten(spec_b))
+            b.history("baseline", history)
+            b.metrics(test_metrics(trained, data), prefix="baseline/")
+            b.artifact(path, "model")
+
+    return obtain(spec_b, tracking.store_dir(uri) / "baselines", build,
+                  lambda m: train_baseline(m, data, phase, method), log_run)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """One seed for initialisation, shuffling and pruning; deterministic TF ops when asked."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+

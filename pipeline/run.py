@@ -28,7 +28,7 @@ log = logging.getLogger("pipeline")
 
 def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
     import keras
-    import tensorflow as tf
+    import pandas as pd
 
     from pipeline import baseline
     from pipeline.pruning import accounting
@@ -37,13 +37,9 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
     from pipeline.stages.evaluate import evaluate, test_metrics
     from pipeline.stages.finetune import finetune
     from pipeline.stages.prune import prune
-    from pipeline.stages.train import train_baseline
 
-    method, schedule, spec, training, track = (parts[k] for k in ("method", "sparsity", "model", "training",
-                                                                   "tracking"))
-    keras.utils.set_random_seed(cfg.seed)
-    if training.deterministic:
-        tf.config.experimental.enable_op_determinism()
+    method, schedule, training, track = (parts[k] for k in ("method", "sparsity", "training", "tracking"))
+    baseline.seed_everything(cfg.seed, training.deterministic)
     conf = job_config(cfg)
     uri = tracking.resolve_uri(track.uri)
     client = tracking.client(uri) if track.enabled else None
@@ -56,26 +52,11 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
             return {"skipped": 1.0, "run_id": previous.info.run_id}
         tracking.close_abandoned(client, exp_id, chash)
 
-    build = lambda: spec.build(data.input_shape, data.num_classes)  # noqa: E731
-    model = build()
-    spec_b = baseline.baseline_spec(conf, method.penalty(model))
     name = f"{method.name}-{schedule.target:.2f}"
-
-    def log_baseline_run(key, trained, history, path):
-        if client is None:
-            return
-        with tracking.Run(client, exp_id, f"baseline-{key[:8]}", {"kind": "baseline", "baseline_hash": key}) as b:
-            b.params(flatten(spec_b))
-            tracking.log_history(client, b.id, "baseline", history)
-            b.metrics(test_metrics(trained, data), prefix="baseline/")
-            b.artifact(path, "model")
-
     with tracking.Run(client, exp_id, name, {"method": method.name, "config_hash": chash}) as run:
         run.params(flatten(conf))
         run.text(OmegaConf.to_yaml(conf), "config.yaml")
-        model, bhash, trained = baseline.obtain(
-            spec_b, tracking.store_dir(uri) / "baselines", build,
-            lambda m: train_baseline(m, data, training.baseline, method), log_baseline_run)
+        model, bhash, trained = baseline.for_job(conf, parts, data, client, exp_id, uri)
         run.tag("baseline_hash", bhash)
         run.tag("baseline_trained_here", str(trained).lower())
         dense = keras.models.clone_model(model)
@@ -97,8 +78,6 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
             tmp = Path(tmp)
             save_masks(masked.masks, tmp / "masks.npz")
             run.artifact(tmp / "masks.npz")
-            import pandas as pd
-
             pd.DataFrame(accounting.layer_rows(model)).to_csv(tmp / "layers.csv", index=False)
             run.artifact(tmp / "layers.csv")
             model.save(tmp / "model.keras")

@@ -30,6 +30,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from pipeline import tracking  # noqa: E402
 from pipeline.config import ConfigError, _one_line, flatten, job_config, require, validate  # noqa: E402
+from pipeline.run import exit_config_error  # noqa: E402
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -142,43 +143,22 @@ def plot(df, path: Path, max_drop: float) -> None:
 
 
 def run_scan(cfg: DictConfig, parts: dict, data, sens: Sensitivity, out_dir: Path) -> dict:
-    import keras
-    import tensorflow as tf
-
     from pipeline import baseline
     from pipeline.stages.evaluate import test_metrics
-    from pipeline.stages.train import train_baseline
 
-    method, spec, training, track = (parts[k] for k in ("method", "model", "training", "tracking"))
-    keras.utils.set_random_seed(cfg.seed)
-    if training.deterministic:
-        tf.config.experimental.enable_op_determinism()
+    spec, track = parts["model"], parts["tracking"]
+    baseline.seed_everything(cfg.seed, parts["training"].deterministic)
     conf = job_config(cfg)
     uri = tracking.resolve_uri(track.uri)
     client = tracking.client(uri) if track.enabled else None
     exp_id = tracking.experiment_id(client, track.experiment, uri) if client else None
-
-    build = lambda: spec.build(data.input_shape, data.num_classes)  # noqa: E731
-    spec_b = baseline.baseline_spec(conf, method.penalty(build()))
-
-    def log_baseline_run(key, trained, history, path):  # as pipeline.run logs a baseline it trained
-        if client is None:
-            return
-        btags = {"kind": "baseline", "baseline_hash": key}
-        with tracking.Run(client, exp_id, f"baseline-{key[:8]}", btags) as b:
-            b.params(flatten(spec_b))
-            tracking.log_history(client, b.id, "baseline", history)
-            b.metrics(test_metrics(trained, data), prefix="baseline/")
-            b.artifact(path, "model")
 
     # no config_hash tag: report and verify take runs with one for jobs of python -m pipeline.run
     tags = {"kind": "sensitivity", "model": spec.name}
     with tracking.Run(client, exp_id, f"sensitivity-{spec.name}", tags) as run:
         run.params(flatten(conf))
         run.text(OmegaConf.to_yaml(conf), "config.yaml")
-        model, bhash, trained = baseline.obtain(
-            spec_b, tracking.store_dir(uri) / "baselines", build,
-            lambda m: train_baseline(m, data, training.baseline, method), log_baseline_run)
+        model, bhash, trained = baseline.for_job(conf, parts, data, client, exp_id, uri)
         run.tag("baseline_hash", bhash)
         run.tag("baseline_trained_here", str(trained).lower())
         run.metrics(test_metrics(model, data), prefix="baseline/")
@@ -217,11 +197,6 @@ def _check_prunable(spec, data) -> None:
         raise ConfigError(f"model={spec.name} has no conv layer whose filters can be pruned on their own")
 
 
-def _fail(e: Exception) -> None:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(2)
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sensitivity")
 def main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
@@ -235,7 +210,7 @@ def main(cfg: DictConfig):
         if parts["tracking"].enabled:
             tracking.check_store(tracking.resolve_uri(parts["tracking"].uri))
     except ConfigError as e:
-        _fail(e)
+        exit_config_error(e)
     return run_scan(cfg, parts, data, sens, Path(HydraConfig.get().runtime.output_dir))
 
 
@@ -244,12 +219,12 @@ def cli() -> None:
     from hydra.errors import HydraException
 
     if any(a in ("-m", "--multirun") or a.startswith("--multirun=") for a in sys.argv[1:]):
-        _fail(ConfigError("pipeline.sensitivity runs one scan; --multirun is not supported"))
+        exit_config_error(ConfigError("pipeline.sensitivity runs one scan; --multirun is not supported"))
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         main()
     except (ConfigError, HydraException, OmegaConfBaseException) as e:
-        _fail(e)
+        exit_config_error(e)
 
 
 if __name__ == "__main__":

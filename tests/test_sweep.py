@@ -66,8 +66,8 @@ def test_rerun_skips_every_finished_job(sweep):
 
 def test_failing_job_is_failed_and_the_others_finish(tmp_path, client_for):
     # The second ratios map names a layer that does not exist: that job fails when it prunes.
-    proc = run_pipeline(["-m", "method=filter", "method.ratios={conv1:0.5},{nope:0.5}", "sparsity.target=0.5", *SMOKE], tmp_path,
-                        check=False)
+    args = ["-m", "method=filter", "method.ratios={conv1:0.5},{nope:0.5}", "sparsity.target=0.5", *SMOKE]
+    proc = run_pipeline(args, tmp_path, check=False)
     assert proc.returncode == 1
     out = proc.stdout + proc.stderr
     assert "1 failed" in out and "nope" in out

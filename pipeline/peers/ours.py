@@ -1,0 +1,117 @@
+"""Our magnitude pruning on the TF-MOT peer's grid, in-process with Keras 3 (no MLflow).
+
+    .venv/bin/python -m pipeline.peers.ours --out benchmarks/ours.json [--seeds 0 --targets 0.5]
+
+Same models (conf/model), data (conf/data/digits.yaml), budgets (conf/training/default.yaml), seeds and
+targets as pipeline.peers.tfmot; the stages and pruning code of the pipeline are called directly.
+Per model and seed: one dense baseline, then from it (a) a dense fine-tune without masks (the step-time
+reference), (b) one_shot and (c) gradual (conf/sparsity/gradual.yaml) magnitude pruning, whose masks
+are held by MaskedModel's constraints inside every optimizer step.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from pipeline.config import Phase, build  # noqa: E402
+from pipeline.peers import common  # noqa: E402
+
+
+def weights_gzip(spec, data, model) -> int:
+    """gzip bytes of the model's weights alone. Keras 3's save_weights also writes the optimizer's
+    variables of a compiled model (Adam: 2 more copies), which the pipeline's eval/size_gzip_bytes
+    includes; TF-MOT's number (tf_keras .h5) holds the weights only, so compare on an uncompiled copy."""
+    from pipeline.stages.evaluate import gzip_size
+
+    fresh = spec.build(data.input_shape, data.num_classes)
+    fresh.set_weights(model.get_weights())
+    return gzip_size(fresh)
+
+
+def main() -> None:
+    args = common.parse(__doc__.splitlines()[0], "benchmarks/ours.json")
+    import keras
+    import tensorflow as tf
+
+    from pipeline.pruning import accounting
+    from pipeline.pruning.callback import ScheduleMasks
+    from pipeline.stages.evaluate import gzip_size, test_metrics
+    from pipeline.stages.prune import prune
+    from pipeline.stages.train import fit, steps_per_epoch, train_baseline
+
+    base_dict, ft_dict = common.phases(args)
+    base_phase, ft_phase = Phase(**base_dict), Phase(**ft_dict)
+    method = build("method", OmegaConf.load(common.CONF / "method" / "magnitude.yaml"))
+    data_source = build("data", OmegaConf.load(common.CONF / "data" / "digits.yaml"))
+    gradual_conf = OmegaConf.load(common.CONF / "sparsity" / "gradual.yaml")
+    one_shot_conf = OmegaConf.load(common.CONF / "sparsity" / "one_shot.yaml")
+    Timer = common.make_step_timer(keras.callbacks.Callback)
+    tf.config.experimental.enable_op_determinism()
+    meta = common.environment(peer="ours", keras=keras.__version__, tensorflow=tf.__version__,
+                              baseline=base_dict, finetune=ft_dict,
+                              gradual=OmegaConf.to_container(gradual_conf), argv=sys.argv[1:], complete=False,
+                              pruning_scope=f"magnitude scope={method.scope}")
+    rows = []
+    for name in args.models:
+        spec = build("model", OmegaConf.load(common.CONF / "model" / f"{name}.yaml"))
+        for seed in args.seeds:
+            data = data_source.load(seed)
+            keras.utils.set_random_seed(seed)
+            model = spec.build(data.input_shape, data.num_classes)
+            started = time.perf_counter()
+            train_baseline(model, data, base_phase, method)
+            base = {"model": name, "seed": seed, "peer": "ours"}
+            weights = model.get_weights()
+            b = test_metrics(model, data)
+            s = accounting.summary(model)
+            rows.append({**base, "schedule": "baseline", "target": 0.0, **b, "sparsity": s["sparsity"],
+                         "conv_sparsity": s["conv_sparsity"],
+                         "size_gzip_bytes": weights_gzip(spec, data, model),
+                         "size_gzip_bytes_pipeline": gzip_size(model),
+                         "train_s": time.perf_counter() - started})
+            print(f"{name} seed {seed}: baseline {b['accuracy']:.4f}", flush=True)
+            total = steps_per_epoch(data, ft_phase) * ft_phase.epochs
+            jobs = [("dense", 0.0)] + [(s, t) for t in args.targets for s in args.schedules]
+            for schedule_name, target in jobs:
+                keras.utils.set_random_seed(seed)
+                m = spec.build(data.input_shape, data.num_classes)
+                m.set_weights(weights)
+                timer = Timer()
+                masked = None
+                callbacks = [timer]
+                if schedule_name != "dense":
+                    node = gradual_conf if schedule_name == "gradual" else one_shot_conf
+                    schedule = build("sparsity", OmegaConf.merge(node, {"target": target}))
+                    masked = prune(m, method, schedule.initial, seed)
+                    # pipeline.stages.finetune.finetune with a step timer added after its callback
+                    callbacks = [ScheduleMasks(masked, method, schedule, total, seed), timer]
+                started = time.perf_counter()
+                fit(m, data, ft_phase, "fine-tuning", callbacks=callbacks)
+                seconds = time.perf_counter() - started
+                if masked is not None:
+                    masked.apply()
+                    masked.detach()
+                s = accounting.summary(m)
+                r = {**base, "schedule": schedule_name, "target": target, **test_metrics(m, data),
+                     "sparsity": s["sparsity"], "conv_sparsity": s["conv_sparsity"],
+                     "size_gzip_bytes": weights_gzip(spec, data, m),
+                     "size_gzip_bytes_pipeline": gzip_size(m), **timer.summary(), "finetune_s": seconds,
+                     "baseline_accuracy": b["accuracy"]}
+                rows.append(r)
+                common.write(args.out, meta, rows, quiet=True)
+                print(f"{name} seed {seed} {schedule_name} {target}: acc {r['accuracy']:.4f} sparsity "
+                      f"{r['sparsity']:.3f} step {r['step_ms']:.2f} ms", flush=True)
+    meta["complete"] = True
+    common.write(args.out, meta, rows)
+
+
+if __name__ == "__main__":
+    main()
