@@ -32,9 +32,7 @@ class MaskConstraint:
         self.mask = mask_variable
 
     def __call__(self, w):
-        from keras import ops
-
-        return w * ops.cast(self.mask, w.dtype)
+        return w * self.mask  # the mask variable has the weight's dtype: one multiply, no cast
 
 
 class MaskedModel:
@@ -51,7 +49,7 @@ class MaskedModel:
         self.mask_vars = {}
         for path, m in masks.items():
             var = self.variables[path]
-            self.mask_vars[path] = keras.Variable(np.asarray(m, "float32"), trainable=False,
+            self.mask_vars[path] = keras.Variable(np.asarray(m, var.dtype), trainable=False,
                                                   name=path.replace("/", "_") + "_mask")
             var.constraint = MaskConstraint(self.mask_vars[path])
         model.train_function = None  # a step traced before the constraints existed would ignore them
@@ -62,7 +60,7 @@ class MaskedModel:
         """Replace the masks (pruned weights stay pruned) and zero what they prune now."""
         self.masks = merge(self.masks, masks)
         for path, m in self.masks.items():
-            self.mask_vars[path].assign(m.astype("float32"))
+            self.mask_vars[path].assign(m.astype(self.mask_vars[path].dtype))
         self.apply()
 
     def apply(self) -> None:

@@ -7,6 +7,7 @@ recompute the masks and at which rate (None: keep the masks).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from pipeline.config import require
 
@@ -15,6 +16,7 @@ from pipeline.config import require
 class Schedule:
     name: str = "one_shot"
     target: float = 0.5
+    changes_masks: ClassVar[bool] = False  # does fine-tuning need to follow update_at?
 
     def __post_init__(self):
         require(0 <= self.target < 1, "target", self.target, "a number in [0, 1)")
@@ -39,6 +41,7 @@ class Iterative(Schedule):
     """Reach the target in `rounds` prune -> fine-tune rounds of equal length (Han et al. 2015)."""
 
     name: str = "iterative"
+    changes_masks: ClassVar[bool] = True
     rounds: int = 3
 
     def __post_init__(self):
@@ -62,6 +65,7 @@ class Gradual(Schedule):
     fine-tuning, masks recomputed every `frequency` steps; the rest fine-tunes at the target."""
 
     name: str = "gradual"
+    changes_masks: ClassVar[bool] = True
     initial_sparsity: float = 0.0
     begin: float = 0.0
     end: float = 0.6

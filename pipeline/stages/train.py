@@ -15,18 +15,17 @@ class TrainingDiverged(RuntimeError):
 
 
 class StopOnNonFinite(keras.callbacks.Callback):
+    """Checks the loss once per epoch: a NaN or infinity persists in the epoch's mean, and an
+    epoch-level check costs no per-batch host sync."""
+
     def __init__(self, stage: str):
         super().__init__()
-        self.stage, self.epoch = stage, 0
+        self.stage = stage
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
+    def on_epoch_end(self, epoch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
-            raise TrainingDiverged(f"{self.stage} loss became {float(loss)} at epoch {self.epoch + 1}, "
-                                   f"batch {batch + 1}")
+            raise TrainingDiverged(f"{self.stage} loss became {float(loss)} in epoch {epoch + 1}")
 
 
 def compile_model(model, phase: Phase) -> None:
