@@ -103,7 +103,9 @@ def write(client, run_ids: list[str] | None, out: Path, experiment_ids=None, par
     df = runs_frame(client, run_ids, experiment_ids, parent)
     t = table(df)
     t.to_csv(out / "results.csv", index=False)
-    header = (f"# Pruning results\n\n{len(df)} finished runs. Accuracy is test accuracy; `target` is the "
+    verified = int((df["tags.verified"] == "true").sum()) if "tags.verified" in df else 0
+    header = (f"# Pruning results\n\n{len(df)} finished runs; {verified} of {len(df)} runs verified with "
+              "`python -m pipeline.verify`. Accuracy is test accuracy; `target` is the "
               "method's prune rate over its own pool; `sparsity` is measured over all conv and dense kernels, "
               "`conv_sparsity` over conv kernels, `model_sparsity` over all parameters. Means over seeds "
               "(`seeds`), spread as standard deviation.\n\n")

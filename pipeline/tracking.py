@@ -56,12 +56,19 @@ def check_store(uri: str) -> None:
 
 
 def client(uri: str):
+    """An MlflowClient whose store exists. A fresh sqlite database is created (tables and migrations)
+    under a file lock beside it: MLflow's SqlAlchemyStore creates its tables unguarded, and two processes
+    doing so at the same moment corrupt the database (e.g. two sweeps started together on a new store)."""
     from mlflow.tracking import MlflowClient
 
     db = sqlite_path(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    if db is None:
+        return MlflowClient(tracking_uri=uri)
+    from filelock import FileLock
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db.with_name(db.name + ".lock"))):
+        return MlflowClient(tracking_uri=uri)  # opens the store at once: creates or upgrades the tables
 
 
 def experiment_id(mlflow_client, name: str, uri: str) -> str:
