@@ -199,10 +199,14 @@ def close_abandoned(mlflow_client, exp_id: str, config_hash: str) -> int:
 
 
 def _alive(pid: int) -> bool:
+    """Is the process running (a zombie, dead but not yet reaped, is not)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
