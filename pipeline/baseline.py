@@ -91,7 +91,7 @@ def for_job(conf: dict[str, Any], parts: dict, data, client, exp_id, uri: str):
         tags = {"kind": "baseline", "baseline_hash": key}
         with tracking.Run(client, exp_id, f"baseline-{key[:8]}", tags) as b:
             b.params(flatten(spec_b))
-            b.history("baseline", history)
+            b.history("train", history)  # per epoch; baseline/* holds the test-set figures
             b.metrics(test_metrics(trained, data), prefix="baseline/")
             b.artifact(path, "model")
 

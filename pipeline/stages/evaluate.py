@@ -28,18 +28,27 @@ def gzip_size(model) -> int:
 
 def latency_ms(model, x: np.ndarray, repeats: int) -> float:
     """Median wall time of one compiled forward pass."""
+    return paired_latency_ms([model], x, repeats)[0]
+
+
+def paired_latency_ms(models: list, x: np.ndarray, repeats: int) -> list[float]:
+    """Median wall time of one compiled forward pass of each model, timed in turn (A, B, A, B, ...) so
+    that every model sees the same machine load: timing one model after the other lets a change in
+    load (a shared machine) turn into a false speed-up or slow-down."""
     import tensorflow as tf
 
-    forward = tf.function(lambda batch: model(batch, training=False))
+    forwards = [tf.function(lambda batch, m=m: m(batch, training=False)) for m in models]
     batch = tf.constant(x)
-    for _ in range(3):
-        forward(batch)
-    times = []
+    for forward in forwards:
+        for _ in range(3):
+            forward(batch)
+    times = [[] for _ in models]
     for _ in range(repeats):
-        start = time.perf_counter()
-        forward(batch).numpy()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        for forward, series in zip(forwards, times):
+            start = time.perf_counter()
+            forward(batch).numpy()
+            series.append((time.perf_counter() - start) * 1000)
+    return [statistics.median(series) for series in times]
 
 
 def evaluate(model, data, dense_model=None, small_model=None, latency_repeats: int = 30) -> dict[str, float]:
@@ -55,7 +64,7 @@ def evaluate(model, data, dense_model=None, small_model=None, latency_repeats: i
         for batch in (1, 256):
             x = np.resize(data.x_test, (batch, *data.x_test.shape[1:])).astype("float32")
             suffix = "" if batch == 1 else f"_b{batch}"
-            out[f"latency_ms_dense{suffix}"] = latency_ms(dense_model, x, latency_repeats)
-            out[f"latency_ms_pruned{suffix}"] = latency_ms(final, x, latency_repeats)
+            dense_ms, pruned_ms = paired_latency_ms([dense_model, final], x, latency_repeats)
+            out[f"latency_ms_dense{suffix}"], out[f"latency_ms_pruned{suffix}"] = dense_ms, pruned_ms
         out["speedup_measured"] = out["latency_ms_dense_b256"] / out["latency_ms_pruned_b256"]
     return out
