@@ -53,6 +53,7 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
         tracking.close_abandoned(client, exp_id, chash)
 
     name = f"{method.name}-{schedule.target:.2f}"
+    started = time.perf_counter()
     with tracking.Run(client, exp_id, name, {"method": method.name, "config_hash": chash}) as run:
         run.params(flatten(conf))
         run.text(OmegaConf.to_yaml(conf), "config.yaml")
@@ -86,6 +87,8 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
                 small.save(tmp / "shrunk.keras")
                 run.artifact(tmp / "shrunk.keras", "model")
                 run.text("\n".join(f"{k}: {v}" for k, v in kept.items()), "channels_kept.txt")
+        run.metrics({"time/job_seconds": time.perf_counter() - started,
+                     "time/finetune_seconds": sum(history["seconds"])})
         log.info("%s: baseline %.4f -> pruned %.4f -> fine-tuned %.4f at sparsity %.3f (run %s)", name,
                  run.logged.get("baseline/accuracy", float("nan")), run.logged.get("pruned/accuracy", 0),
                  metrics["accuracy"], metrics["sparsity"], run.id)

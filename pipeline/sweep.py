@@ -97,13 +97,15 @@ class SweepCallback(Callback):
         name = config.hydra.job.config_name
         configs = [compose(config_name=name, overrides=overrides) for overrides in jobs]
         parts = [validate(cfg) for cfg in configs]  # every job's config is checked before any trains
-        loaded = set()
-        for cfg, part in zip(configs, parts):  # and every data set is found and readable
+        datasets, checked = {}, set()
+        for cfg, part in zip(configs, parts):  # every data set is found and readable, every model fits it
             key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True) + str(cfg.seed)
-            if key not in loaded:
-                loaded.add(key)
-                data = part["data"].load(cfg.seed)
-            check_fits(part["model"], data.input_shape, data.num_classes)
+            if key not in datasets:
+                datasets[key] = part["data"].load(cfg.seed)
+            data, model_key = datasets[key], (key, json.dumps(OmegaConf.to_container(cfg.model), sort_keys=True))
+            if model_key not in checked:
+                checked.add(model_key)
+                check_fits(part["model"], data.input_shape, data.num_classes)
         track = parts[0]["tracking"]
         os.environ[TOTAL_ENV], os.environ[START_ENV] = str(len(jobs)), str(time.time())
         Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)

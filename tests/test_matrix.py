@@ -8,8 +8,8 @@ SCHEDULES = ["one_shot", "iterative", "gradual"]
 
 def test_every_method_and_schedule_runs_on_both_models(tmp_path, client_for):
     run_pipeline(["-m", f"method={','.join(METHODS)}", f"sparsity={','.join(SCHEDULES)}", "sparsity.target=0.5",
-                  "model=seed_cnn,vgg_bn", "model.widths=[8,8]", "model.hidden=16", "data.limit=300",
-                  "training=smoke", "sparsity.frequency=2"], tmp_path)
+                  "model=seed_cnn,vgg_bn", "data.limit=300",
+                  "training=smoke", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], tmp_path)
     client = client_for(tmp_path)
     exp = client.get_experiment_by_name("pruning")
     jobs = [r for r in client.search_runs([exp.experiment_id]) if "config_hash" in r.data.tags]

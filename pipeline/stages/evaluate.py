@@ -51,7 +51,10 @@ def paired_latency_ms(models: list, x: np.ndarray, repeats: int) -> list[float]:
     return [statistics.median(series) for series in times]
 
 
-def evaluate(model, data, dense_model=None, small_model=None, latency_repeats: int = 30) -> dict[str, float]:
+LATENCY_REPEATS = {1: 30, 256: 10}  # timed forward passes per model (a median of each)
+
+
+def evaluate(model, data, dense_model=None, small_model=None) -> dict[str, float]:
     """The eval/ metrics: `model` is the masked model; `small_model` its shrunk form, if any."""
     final = small_model if small_model is not None else model
     out = test_metrics(final, data)
@@ -61,10 +64,10 @@ def evaluate(model, data, dense_model=None, small_model=None, latency_repeats: i
         out["flops_shrunk"] = accounting.flops(small_model)[0]
         out["params_shrunk"] = small_model.count_params()
     if dense_model is not None:
-        for batch in (1, 256):
+        for batch, repeats in LATENCY_REPEATS.items():
             x = np.resize(data.x_test, (batch, *data.x_test.shape[1:])).astype("float32")
             suffix = "" if batch == 1 else f"_b{batch}"
-            dense_ms, pruned_ms = paired_latency_ms([dense_model, final], x, latency_repeats)
+            dense_ms, pruned_ms = paired_latency_ms([dense_model, final], x, repeats)
             out[f"latency_ms_dense{suffix}"], out[f"latency_ms_pruned{suffix}"] = dense_ms, pruned_ms
         out["speedup_measured"] = out["latency_ms_dense_b256"] / out["latency_ms_pruned_b256"]
     return out

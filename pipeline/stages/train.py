@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import keras
 import numpy as np
@@ -28,6 +29,17 @@ class StopOnNonFinite(keras.callbacks.Callback):
             raise TrainingDiverged(f"{self.stage} loss became {float(loss)} in epoch {epoch + 1}")
 
 
+class EpochSeconds(keras.callbacks.Callback):
+    """Adds each epoch's wall time to its logs, so histories (and MLflow) carry `seconds` per epoch."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["seconds"] = time.perf_counter() - self.start
+
+
 def compile_model(model, phase: Phase) -> None:
     if phase.optimizer == "sgd":
         opt = keras.optimizers.SGD(phase.lr, momentum=phase.momentum, weight_decay=phase.weight_decay or None)
@@ -41,7 +53,7 @@ def fit(model, data, phase: Phase, stage: str, callbacks=()) -> dict[str, list[f
     compile_model(model, phase)
     history = model.fit(data.x_train, data.y_train, batch_size=phase.batch_size, epochs=phase.epochs,
                         validation_data=(data.x_val, data.y_val), shuffle=True, verbose=0,
-                        callbacks=[StopOnNonFinite(stage), *callbacks])
+                        callbacks=[StopOnNonFinite(stage), EpochSeconds(), *callbacks])
     return {k: [float(v) for v in vals] for k, vals in history.history.items()}
 
 
