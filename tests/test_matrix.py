@@ -1,4 +1,5 @@
-"""Every method under every schedule runs end to end on both study models (training=smoke, small data)."""
+"""Every method under every schedule runs end to end (training=smoke, small data), on 2 joblib workers
+that share one baseline per baseline config."""
 
 from conftest import run_pipeline
 
@@ -6,17 +7,28 @@ METHODS = ["magnitude", "filter", "slim", "hybrid", "random"]
 SCHEDULES = ["one_shot", "iterative", "gradual"]
 
 
-def test_every_method_and_schedule_runs_on_both_models(tmp_path, client_for):
+def test_every_method_and_schedule_runs_end_to_end(tmp_path, client_for):
+    # vgg_bn has BatchNorm, so every code path runs (slimming's penalty, BatchNorm masks, surgery);
+    # seed_cnn's runs are in test_sweep.py and test_e2e.py.
     run_pipeline(["-m", f"method={','.join(METHODS)}", f"sparsity={','.join(SCHEDULES)}", "sparsity.target=0.5",
-                  "model=seed_cnn,vgg_bn", "data.limit=300",
-                  "training=smoke", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], tmp_path)
+                  "model=vgg_bn", "data.limit=300", "training=smoke", "hydra/launcher=joblib",
+                  "hydra.launcher.n_jobs=2"], tmp_path)
     client = client_for(tmp_path)
     exp = client.get_experiment_by_name("pruning")
-    jobs = [r for r in client.search_runs([exp.experiment_id]) if "config_hash" in r.data.tags]
-    assert len(jobs) == len(METHODS) * len(SCHEDULES) * 2
+    runs = client.search_runs([exp.experiment_id])
+    jobs = [r for r in runs if "config_hash" in r.data.tags]
+    assert len(jobs) == len(METHODS) * len(SCHEDULES)
     assert all(r.info.status == "FINISHED" for r in jobs)
+    assert len({r.data.tags["pid"] for r in jobs}) == 2  # really two worker processes
     for r in jobs:
         m = r.data.metrics
         assert 0 < m["eval/sparsity"] < 1 and m["eval/conv_sparsity"] > 0, r.info.run_name
         if r.data.params["method.name"] in ("magnitude", "random"):  # their pool is exactly eval/sparsity's
             assert abs(m["eval/sparsity"] - 0.5) < 1e-3, (r.info.run_name, m["eval/sparsity"])
+
+    # slim's L1 penalty makes its own baseline; each baseline is trained once, by one of the workers
+    hashes = {r.data.tags["baseline_hash"] for r in jobs}
+    assert len(hashes) == 2
+    assert len([r for r in runs if r.data.tags.get("kind") == "baseline"]) == 2
+    trained_here = [r.data.tags["baseline_hash"] for r in jobs if r.data.tags["baseline_trained_here"] == "true"]
+    assert sorted(trained_here) == sorted(hashes)

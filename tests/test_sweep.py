@@ -78,13 +78,3 @@ def test_failing_job_is_failed_and_the_others_finish(tmp_path, client_for):
     assert "nope" in failed.data.tags["error"]
     lines = [json.loads(x) for x in next(tmp_path.glob("multirun/jobs.jsonl")).read_text().splitlines()]
     assert sorted(x["status"] for x in lines) == ["FAILED", "FINISHED"]
-
-
-def test_joblib_workers_share_one_baseline(tmp_path, client_for):
-    run_pipeline(["-m", "method=magnitude,random", "sparsity.target=0.5", "hydra/launcher=joblib",
-                  "hydra.launcher.n_jobs=2", *SMOKE], tmp_path)
-    kinds = runs_by_kind(client_for(tmp_path))
-    assert len(kinds["baseline"]) == 1
-    assert [r.info.status for r in kinds["job"]] == ["FINISHED", "FINISHED"]
-    assert sorted(r.data.tags["baseline_trained_here"] for r in kinds["job"]) == ["false", "true"]
-    assert len({r.data.tags["pid"] for r in kinds["job"]}) == 2  # really two processes
