@@ -110,7 +110,6 @@ class SweepCallback(Callback):
         os.environ[TOTAL_ENV], os.environ[START_ENV] = str(len(jobs)), str(time.time())
         Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
         results_file(config).unlink(missing_ok=True)
-        self.track = track
         if not track.enabled:
             return
         uri = tracking.resolve_uri(track.uri)
