@@ -22,10 +22,11 @@ from pipeline.config import stable_hash
 log = logging.getLogger(__name__)
 
 
-def baseline_spec(cfg: dict[str, Any], penalty: dict | None) -> dict[str, Any]:
-    """Everything that determines a trained dense model, and nothing else."""
-    return {"data": cfg["data"], "model": cfg["model"], "training": cfg["training"]["baseline"],
-            "deterministic": cfg["training"]["deterministic"], "seed": cfg["seed"], "penalty": penalty}
+def baseline_spec(ident: dict[str, Any], penalty: dict | None) -> dict[str, Any]:
+    """Everything that determines a trained dense model, and nothing else (`ident`: config.identity)."""
+    return {**{k: ident[k] for k in ("data", "model", "seed", "data_digest", "code_version")},
+            "training": ident["training"]["baseline"], "deterministic": ident["training"]["deterministic"],
+            "penalty": penalty}
 
 
 def _sha256(path: Path) -> str:
@@ -52,7 +53,9 @@ def load_verified(folder: Path):
 def obtain(spec: dict[str, Any], cache: Path, build: Callable, train: Callable,
            on_trained: Callable | None = None):
     """Return (model, hash, trained_now). `train(model)` returns its history; `on_trained(hash, model,
-    history, path)` is called once, by the process that trained it."""
+    history, path)` is called once, by the process that trained it. The model returned is always the
+    one loaded from the cache, so a job's result cannot depend on whether it trained the baseline
+    (training-only state such as a regularizer on a variable is not saved)."""
     key = stable_hash(spec)
     folder = cache / key
     folder.mkdir(parents=True, exist_ok=True)
@@ -70,20 +73,20 @@ def obtain(spec: dict[str, Any], cache: Path, build: Callable, train: Callable,
         os.replace(folder / "meta.json.tmp", folder / "meta.json")
         if on_trained is not None:
             on_trained(key, model, history, folder / "model.keras")
-        return model, key, True
+        return load_verified(folder), key, True
 
 
 def for_job(conf: dict[str, Any], parts: dict, data, client, exp_id, uri: str):
     """The job's trained dense model: (model, hash, trained_now). A baseline trained here is logged once,
     as its own run (tag kind=baseline)."""
     from pipeline import tracking
-    from pipeline.config import flatten
+    from pipeline.config import flatten, identity
     from pipeline.stages.evaluate import test_metrics
     from pipeline.stages.train import train_baseline
 
     method, spec, phase = parts["method"], parts["model"], parts["training"].baseline
     build = lambda: spec.build(data.input_shape, data.num_classes)  # noqa: E731
-    spec_b = baseline_spec(conf, method.penalty(build()))
+    spec_b = baseline_spec(identity(conf["seed"], parts, data.digest), method.penalty(build()))
 
     def log_run(key, trained, history, path):
         if client is None:

@@ -155,7 +155,7 @@ def training_seconds(grid: list[float]) -> dict:
     from hydra import compose, initialize_config_dir
 
     from pipeline import baseline
-    from pipeline.config import job_config, validate
+    from pipeline.config import identity, validate
     from pipeline.pruning.surgery import shrink
     from pipeline.stages.evaluate import evaluate
     from pipeline.stages.finetune import finetune
@@ -177,7 +177,8 @@ def training_seconds(grid: list[float]) -> dict:
                 if training.deterministic:
                     tf.config.experimental.enable_op_determinism()
                 model = spec.build(data.input_shape, data.num_classes)
-                key = baseline.stable_hash(baseline.baseline_spec(job_config(cfg), method.penalty(model)))
+                key = baseline.stable_hash(baseline.baseline_spec(identity(cfg.seed, parts, data.digest),
+                                                                   method.penalty(model)))
                 if key not in trained:
                     start = time.perf_counter()
                     train_baseline(model, data, training.baseline, method)

@@ -8,9 +8,11 @@ imports no TensorFlow, so a bad override fails in well under a second.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +20,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 TARGET_GROUPS = ("data", "model", "method", "sparsity")
 TOP_LEVEL_KEYS = {"data", "model", "training", "method", "sparsity", "tracking", "seed", "hydra"}
+SEED_LIMIT = 2**32  # numpy's and Keras's seeds are unsigned 32-bit integers
+PACKAGE = Path(__file__).resolve().parent
 
 
 class ConfigError(ValueError):
@@ -113,6 +117,10 @@ def build(group: str, node: DictConfig) -> Any:
     allowed = sorted(f.name for f in dataclasses.fields(schema))
     for key in values:
         require(key in allowed, f"{group}.{key}", values[key], f"one of the keys {', '.join(allowed)}")
+    if group in TARGET_GROUPS and "name" in values:  # the name reported is the class's, never a free label
+        own = next(f.default for f in dataclasses.fields(schema) if f.name == "name")
+        require(values["name"] == own, f"{group}.name", values["name"],
+                f"{own!r}, the name of {group}._target_={node.get('_target_')} (leave {group}.name out)")
     try:
         typed = OmegaConf.merge(OmegaConf.structured(schema), values)
         return OmegaConf.to_object(typed)
@@ -129,7 +137,8 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     for group in (*TARGET_GROUPS, *PLAIN_SCHEMAS):
         require(isinstance(cfg.get(group), DictConfig), group, cfg.get(group), "a config group")
     seed = cfg.get("seed")
-    require(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "seed", seed, "an integer >= 0")
+    require(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < SEED_LIMIT, "seed", seed,
+            f"an integer in [0, {SEED_LIMIT - 1}]")
     return {group: build(group, cfg[group]) for group in (*TARGET_GROUPS, *PLAIN_SCHEMAS)}
 
 
@@ -142,11 +151,33 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """Identifies a job's result: everything but where it is tracked."""
-    conf = job_config(cfg)
-    conf.pop("tracking", None)
-    return stable_hash(conf)
+@functools.cache
+def code_version() -> str:
+    """A hash of the package's source (every .py file under pipeline/): unlike a git commit, it also
+    changes with uncommitted edits."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        digest.update(path.relative_to(PACKAGE).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def identity(seed: int, parts: dict[str, Any], data_digest: str) -> dict[str, Any]:
+    """What determines a job's result: each group as its schema filled it (defaults included; where
+    it is tracked aside), the seed, the data's content and the code."""
+    groups = {group: {"_target_": f"{type(obj).__module__}.{type(obj).__qualname__}", **dataclasses.asdict(obj)}
+              for group, obj in parts.items() if group != "tracking"}
+    return {**groups, "seed": seed, "data_digest": data_digest, "code_version": code_version()}
+
+
+def config_hash(ident: dict[str, Any]) -> str:
+    """A job's identity as a short hash: equal hashes, equal results."""
+    return stable_hash(ident)
+
+
+def run_name(method: str, target: float) -> str:
+    """`<method>-<target>`: two decimals where they are exact, else every digit (0.5000001 is not 0.50)."""
+    short = f"{target:.2f}"
+    return f"{method}-{short if float(short) == target else repr(float(target))}"
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -1,16 +1,21 @@
 """Data sets: each config of conf/data names one of these dataclasses; `load(seed)` returns a Dataset.
 
-Images are float32 in [0, 1], channels last; labels are int. The validation split is held out of the
-training data with the job's seed; the test split is used only for reported metrics.
+Images are float32, channels last, divided by one scale decided on the stored training images and applied
+to every split: none when they do not exceed 1, 255 for integer values up to 255, else their maximum.
+Labels are int32 classes 0..K-1, each present in the training split; the test labels are among them.
+The validation split is held out of the training data with the job's seed; the test split is used only
+for reported metrics. A Dataset carries the digest of its content and warnings for conditions that are
+legitimate but notable; data that would give wrong results is a one-line DataError instead.
 Real data sets are read from their standard local files and never downloaded.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +23,7 @@ import numpy as np
 from pipeline.config import ConfigError, require
 
 KERAS_CACHE = "~/.keras/datasets"
+MAX_LABEL = 2**31 - 1  # labels are int32
 
 
 class DataError(ConfigError):
@@ -33,6 +39,8 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    digest: str  # of x_train, y_train, x_test, y_test as loaded (before the validation split)
+    warnings: list[str] = field(default_factory=list)  # legitimate but notable, e.g. a class absent from val
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -62,17 +70,47 @@ class DataSource:
         if x_train.shape[1:] != x_test.shape[1:]:
             raise DataError(f"{self.name}: train images {x_train.shape[1:]} and test images "
                             f"{x_test.shape[1:]} differ in shape")
+        # classes and scale come from all stored training data: data.limit drops examples, nothing else
+        num_classes, scale = _classes(y_train, y_test, self.name), _scale(x_train)
         if self.limit:
             x_train, y_train = x_train[: self.limit], y_train[: self.limit]
-        num_classes = int(max(y_train.max(), y_test.max())) + 1
-        order = np.random.default_rng(seed).permutation(len(x_train))
-        n_val = max(1, int(round(self.val_fraction * len(x_train))))
+        x_train, x_test = _scaled(x_train, scale), _scaled(x_test, scale)
+        train, val = self._split(y_train, num_classes, seed)
+        warnings = [f"{self.name}: class(es) {_few(absent)} have no example in the {split} split (size {len(y)}"
+                    "): its accuracy does not cover them"
+                    for split, y in (("validation", y_train[val]), ("test", y_test))
+                    if (absent := _absent(num_classes, y))]
+        if x_test.max() > 1.0:
+            warnings.append(f"{self.name}: test images reach {x_test.max():.4g} after division by {scale:g}, "
+                            "the scale that brings the training images within 1")
+        return Dataset(x_train[train], y_train[train], x_train[val], y_train[val], x_test, y_test, num_classes,
+                       digest=_digest(x_train, y_train, x_test, y_test), warnings=warnings)
+
+    def _split(self, y: np.ndarray, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indices of the training and validation examples, by the seed; every class keeps a training one."""
+        n = len(y)
+        n_val = max(1, int(round(self.val_fraction * n)))
+        limited = f" (data.limit={self.limit})" if self.limit else ""
+        if n - n_val < 1:
+            raise DataError(f"{self.name}: {n} training example(s){limited} leave {n - n_val} for training after "
+                            f"holding out {n_val} for validation (data.val_fraction={self.val_fraction}); need "
+                            "at least one of each: " + ("raise data.limit or lower data.val_fraction" if self.limit
+                                                        else "lower data.val_fraction or add training examples"))
+        order = np.random.default_rng(seed).permutation(n)
         val, train = order[:n_val], order[n_val:]
-        return Dataset(x_train[train], y_train[train], x_train[val], y_train[val], x_test, y_test, num_classes)
+        lacking = _absent(num_classes, y[train])
+        if lacking:
+            hint = ("raise data.limit" if self.limit and _absent(num_classes, y)
+                    else "lower data.val_fraction or add examples of them")
+            raise DataError(f"{self.name}: class(es) {_few(lacking)} of 0..{num_classes - 1} have no example "
+                            f"among the {len(train)} training examples{limited} left after holding out {n_val} "
+                            f"for validation (data.val_fraction={self.val_fraction}, seed {seed}); every class "
+                            f"needs one: {hint}")
+        return train, val
 
 
 def _checked(x: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images as float32 NHWC in [0, 1], labels as int32 >= 0."""
+    """Images NHWC, integer or finite float32 (not yet scaled); labels int32 in [0, 2**31)."""
     x, y = np.asarray(x), np.asarray(y).reshape(-1)
     if x.ndim == 3:
         x = x[..., None]
@@ -82,15 +120,70 @@ def _checked(x: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, np.nd
         raise DataError(f"{what}: {len(x)} images but {len(y)} labels (need the same number, > 0)")
     if not np.issubdtype(y.dtype, np.integer) and not np.all(np.equal(np.mod(y, 1), 0)):
         raise DataError(f"{what}: labels must be integers, got dtype {y.dtype}")
-    y = y.astype(np.int32)
     if y.min() < 0:
         raise DataError(f"{what}: labels must be >= 0, found {y.min()}")
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all():
-        raise DataError(f"{what}: images contain NaN or infinite values")
-    if x.max() > 1.0:
-        x = x / 255.0 if x.max() <= 255.0 else x / x.max()
-    return x, y
+    if y.max() > MAX_LABEL:  # before the cast: 2**32 would wrap to 0 and merge two classes
+        raise DataError(f"{what}: labels must be < 2**31 (class numbers 0..K-1), found {y.max()}")
+    if not np.issubdtype(x.dtype, np.integer):
+        x = x.astype(np.float32)
+        if not np.isfinite(x).all():
+            raise DataError(f"{what}: images contain NaN or infinite values")
+    return x, y.astype(np.int32)
+
+
+def _scale(x: np.ndarray) -> float:
+    """The divisor for every split, from the training images: 1 within [0, 1], 255 for 8-bit values."""
+    top = float(x.max())
+    if top <= 1.0:
+        return 1.0
+    if top <= 255.0 and (np.issubdtype(x.dtype, np.integer) or np.all(np.mod(x, 1) == 0)):
+        return 255.0
+    return top
+
+
+def _scaled(x: np.ndarray, scale: float) -> np.ndarray:
+    x = x.astype(np.float32)  # a copy: the caller's arrays are left alone
+    if scale != 1.0:
+        x /= np.float32(scale)
+    return x
+
+
+def _classes(y_train: np.ndarray, y_test: np.ndarray, dataset: str) -> int:
+    """K, when the training labels are exactly the classes 0..K-1 and the test labels among them."""
+    k = int(y_train.max()) + 1
+    present = np.unique(y_train)
+    if len(present) < k:
+        missing = np.setdiff1d(np.arange(k), present)
+        raise DataError(f"{dataset} training data: labels must be the classes 0..K-1 with every class present, "
+                        f"but the largest label is {k - 1} and {len(missing)} of 0..{k - 1} never occur "
+                        f"({_few(missing)}): remap the {len(present)} distinct labels to 0..{len(present) - 1}")
+    unseen = np.setdiff1d(np.unique(y_test), present)
+    if len(unseen):
+        raise DataError(f"{dataset} test data: class(es) {_few(unseen)} never occur in the training data "
+                        f"(classes 0..{k - 1}): the model cannot predict them")
+    return k
+
+
+def _absent(num_classes: int, y: np.ndarray) -> list[int]:
+    return np.setdiff1d(np.arange(num_classes), y).tolist()
+
+
+def _few(values, shown: int = 10) -> str:
+    """'3, 7', or the first nine and the last: '10, 11, 12, 13, 14, 15, 16, 17, 18, ..., 199999'."""
+    values = [int(v) for v in values]
+    if len(values) <= shown:
+        return ", ".join(map(str, values))
+    return f"{', '.join(map(str, values[: shown - 1]))}, ..., {values[-1]}"
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    """sha256 (16 hex digits) of the arrays' dtypes, shapes and bytes: the same content, the same digest."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        h.update(a.reshape(-1).view(np.uint8))
+    return h.hexdigest()[:16]
 
 
 def _require_file(path: Path, dataset: str, hint: str) -> Path:

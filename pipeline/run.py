@@ -20,7 +20,15 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from pipeline import sweep, tracking  # noqa: E402
-from pipeline.config import ConfigError, config_hash, flatten, job_config, validate  # noqa: E402
+from pipeline.config import (  # noqa: E402
+    ConfigError,
+    config_hash,
+    flatten,
+    identity,
+    job_config,
+    run_name,
+    validate,
+)
 from pipeline.models import check_fits  # noqa: E402
 
 log = logging.getLogger("pipeline")
@@ -41,25 +49,35 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
     method, schedule, training, track = (parts[k] for k in ("method", "sparsity", "training", "tracking"))
     baseline.seed_everything(cfg.seed, training.deterministic)
     conf = job_config(cfg)
+    ident = identity(cfg.seed, parts, data.digest)
+    chash, name = config_hash(ident), run_name(method.name, schedule.target)
     uri = tracking.resolve_uri(track.uri)
     client = tracking.client(uri) if track.enabled else None
     exp_id = tracking.experiment_id(client, track.experiment, uri) if client else None
-    chash = config_hash(cfg)
+    if client:
+        tracking.close_journaled(client)
+        tracking.close_abandoned(client, exp_id, chash)
     if client and track.skip_finished:
         previous = tracking.finished_run(client, exp_id, chash)
         if previous is not None:
-            log.info("skipped: identical config already FINISHED in run %s", previous.info.run_id)
+            log.info("%s skipped: the same job (config, code %s, data %s, seed %d) FINISHED as run %s (%s); "
+                     "tracking.skip_finished=false runs it again", name, ident["code_version"], data.digest,
+                     cfg.seed, previous.info.run_id, previous.info.run_name)
             return {"skipped": 1.0, "run_id": previous.info.run_id}
-        tracking.close_abandoned(client, exp_id, chash)
 
-    name = f"{method.name}-{schedule.target:.2f}"
+    tags = {"method": method.name, "config_hash": chash, "code_version": ident["code_version"],
+            "data_digest": data.digest}
+    if data.warnings:
+        tags["data_warnings"] = "; ".join(data.warnings)
     started = time.perf_counter()
-    with tracking.Run(client, exp_id, name, {"method": method.name, "config_hash": chash}) as run:
+    with tracking.Run(client, exp_id, name, tags) as run:
         run.params(flatten(conf))
         run.text(OmegaConf.to_yaml(conf), "config.yaml")
         model, bhash, trained = baseline.for_job(conf, parts, data, client, exp_id, uri)
         run.tag("baseline_hash", bhash)
         run.tag("baseline_trained_here", str(trained).lower())
+        # From here on, the same random numbers whether the baseline was trained here or loaded.
+        baseline.seed_everything(cfg.seed, training.deterministic)
         dense = keras.models.clone_model(model)
         dense.set_weights(model.get_weights())
         run.metrics(test_metrics(model, data), prefix="baseline/")
@@ -126,6 +144,7 @@ def exit_config_error(e: Exception) -> None:
 def cli() -> None:
     """Configuration mistakes end with one line and exit status 2; nothing is written before."""
     from hydra.errors import HydraException
+    from mlflow.exceptions import MlflowException
     from omegaconf.errors import OmegaConfBaseException
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let the errors reach us instead of Hydra's printer
@@ -134,6 +153,13 @@ def cli() -> None:
         main()
     except (ConfigError, HydraException, OmegaConfBaseException) as e:
         exit_config_error(e)
+    except MlflowException as e:  # the store stopped answering: the run's ending is journaled
+        print(f"error: the tracking store failed: {' '.join(str(e).split())[:500]}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # runs are already marked KILLED
+        print("interrupted: unfinished runs are marked KILLED; run the same command again to resume",
+              file=sys.stderr)
+        sys.exit(130)
     log.debug("done in %.1fs", time.time() - started)
 
 

@@ -1,13 +1,15 @@
-"""python -m pipeline.sensitivity: how much each conv layer's test accuracy suffers when only its filters
-are pruned, without fine-tuning (Li et al. 2017, sec. 4.1) -- and the per-layer rates that follow.
+"""python -m pipeline.sensitivity: how much each conv layer's validation accuracy suffers when only its
+filters are pruned, without fine-tuning (Li et al. 2017, sec. 4.1) -- and the per-layer rates that follow.
 
 For each layer with prunable filters (pipeline.pruning.graph.channel_groups) and each rate of
 sensitivity.ratios, the L1-norm method prunes that layer alone (Filter(ratios={layer: r}) at target 0),
-the test accuracy is measured, and the weights are restored. The baseline is trained (or reused) exactly
-as python -m pipeline.run does, so both share the cached model. One MLflow run `sensitivity-<model>`
-(tag kind=sensitivity) gets the metrics sensitivity/<layer>/accuracy (step = rate in percent), the table
-sensitivity.csv, the plot sensitivity.png and filter_ratios.yaml: for each layer the largest rate whose
-accuracy drop is <= sensitivity.max_drop, a mapping ready for method.ratios. The matching override for
+the accuracy on the validation split is measured, and the weights are restored. The rates are chosen on
+the validation split only: the test split gives the reported baseline/accuracy and nothing else. The
+baseline is trained (or reused) exactly as python -m pipeline.run does, so both share the cached model.
+One MLflow run `sensitivity-<model>` (tag kind=sensitivity) gets baseline/val_accuracy, the metrics
+sensitivity/<layer>/val_accuracy (step = rate in percent), the table sensitivity.csv, the plot
+sensitivity.png and filter_ratios.yaml: for each layer the largest rate whose validation-accuracy drop is
+<= sensitivity.max_drop, a mapping ready for method.ratios. The matching override for
 python -m pipeline.run is printed.
 """
 
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 log = logging.getLogger("pipeline")
-TOLERANCE = 1e-9  # accuracies are fractions of the test set: compare drops without float noise
+TOLERANCE = 1e-9  # accuracies are fractions of the validation set: compare drops without float noise
 
 
 @dataclass
@@ -63,18 +65,23 @@ def settings(node) -> Sensitivity:
         raise ConfigError(f"sensitivity.{e}") from None
 
 
-def scan(model, data, ratios) -> pd.DataFrame:
-    """Test accuracy with one layer's filters pruned at each rate (0 included), no fine-tuning.
+def val_accuracy(model, data) -> float:
+    """Accuracy on the validation split: the scan decides on it, never on the test split."""
+    predicted = model.predict(data.x_val, batch_size=256, verbose=0).argmax(axis=1)
+    return float((predicted == data.y_val).mean())
 
-    Columns: layer, ratio, accuracy, drop (= the layer's accuracy at rate 0 minus accuracy). The model's
-    weights are the same afterwards."""
+
+def scan(model, data, ratios) -> pd.DataFrame:
+    """Validation accuracy with one layer's filters pruned at each rate (0 included), no fine-tuning.
+
+    Columns: layer, ratio, val_accuracy, drop (= the layer's val_accuracy at rate 0 minus val_accuracy).
+    The model's weights are the same afterwards."""
     import numpy as np
     import pandas as pd
 
     from pipeline.pruning.filter import Filter
     from pipeline.pruning.graph import channel_groups
     from pipeline.pruning.masks import variables_by_path
-    from pipeline.stages.evaluate import test_metrics
 
     rates = sorted({0.0, *(float(r) for r in ratios)})
     variables = variables_by_path(model)
@@ -88,14 +95,13 @@ def scan(model, data, ratios) -> pd.DataFrame:
                     if not mask.all():
                         var = variables[path]
                         var.assign(np.asarray(var.numpy()) * mask)
-                rows.append({"layer": group.name, "ratio": rate,
-                             "accuracy": test_metrics(model, data)["accuracy"]})
+                rows.append({"layer": group.name, "ratio": rate, "val_accuracy": val_accuracy(model, data)})
                 model.set_weights(original)
     finally:
         model.set_weights(original)
-    df = pd.DataFrame(rows, columns=["layer", "ratio", "accuracy"])
-    reference = df[df["ratio"] == 0.0].set_index("layer")["accuracy"]
-    df["drop"] = df["layer"].map(reference) - df["accuracy"]
+    df = pd.DataFrame(rows, columns=["layer", "ratio", "val_accuracy"])
+    reference = df[df["ratio"] == 0.0].set_index("layer")["val_accuracy"]
+    df["drop"] = df["layer"].map(reference) - df["val_accuracy"]
     return df
 
 
@@ -129,11 +135,11 @@ def plot(df, path: Path, max_drop: float) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for layer, rows in df.groupby("layer", sort=False):
-        ax.plot(rows["ratio"], rows["accuracy"], marker="o", label=str(layer))
-    baseline = float(df[df["ratio"] == 0.0]["accuracy"].mean())
+        ax.plot(rows["ratio"], rows["val_accuracy"], marker="o", label=str(layer))
+    baseline = float(df[df["ratio"] == 0.0]["val_accuracy"].mean())
     ax.axhline(baseline - max_drop, color="grey", linestyle=":", label=f"baseline - {max_drop:g}")
     ax.set_xlabel("fraction of the layer's filters pruned (smallest L1 norm)")
-    ax.set_ylabel("test accuracy (no fine-tuning)")
+    ax.set_ylabel("validation accuracy (no fine-tuning)")
     ax.set_title("Sensitivity to filter pruning, one layer at a time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -147,6 +153,8 @@ def run_scan(cfg: DictConfig, parts: dict, data, sens: Sensitivity, out_dir: Pat
     from pipeline.stages.evaluate import test_metrics
 
     spec, track = parts["model"], parts["tracking"]
+    for warning in data.warnings:
+        log.warning("%s", warning)
     baseline.seed_everything(cfg.seed, parts["training"].deterministic)
     conf = job_config(cfg)
     uri = tracking.resolve_uri(track.uri)
@@ -154,18 +162,20 @@ def run_scan(cfg: DictConfig, parts: dict, data, sens: Sensitivity, out_dir: Pat
     exp_id = tracking.experiment_id(client, track.experiment, uri) if client else None
 
     # no config_hash tag: report and verify take runs with one for jobs of python -m pipeline.run
-    tags = {"kind": "sensitivity", "model": spec.name}
+    tags = {"kind": "sensitivity", "model": spec.name, "data_digest": data.digest}
+    if data.warnings:
+        tags["data_warnings"] = "; ".join(data.warnings)  # as pipeline.run tags its jobs
     with tracking.Run(client, exp_id, f"sensitivity-{spec.name}", tags) as run:
         run.params(flatten(conf))
         run.text(OmegaConf.to_yaml(conf), "config.yaml")
         model, bhash, trained = baseline.for_job(conf, parts, data, client, exp_id, uri)
         run.tag("baseline_hash", bhash)
         run.tag("baseline_trained_here", str(trained).lower())
-        run.metrics(test_metrics(model, data), prefix="baseline/")
+        run.metrics(test_metrics(model, data) | {"val_accuracy": val_accuracy(model, data)}, prefix="baseline/")
 
         df = scan(model, data, sens.ratios)
         for rate, rows in df.groupby("ratio"):
-            run.metrics({f"sensitivity/{r.layer}/accuracy": r.accuracy for r in rows.itertuples()},
+            run.metrics({f"sensitivity/{r.layer}/val_accuracy": r.val_accuracy for r in rows.itertuples()},
                         step=round(rate * 100))
         suggested = suggest(df, sens.max_drop)
         line = override(suggested)
@@ -175,16 +185,17 @@ def run_scan(cfg: DictConfig, parts: dict, data, sens: Sensitivity, out_dir: Pat
         out_dir.mkdir(parents=True, exist_ok=True)
         df.to_csv(out_dir / "sensitivity.csv", index=False)
         plot(df, out_dir / "sensitivity.png", sens.max_drop)
-        header = (f"# method.ratios: per layer, the largest filter-pruning rate whose test-accuracy drop "
-                  f"without fine-tuning is <= {sens.max_drop:g}\n# python -m pipeline.run {line}\n")
+        header = (f"# method.ratios: per layer, the largest filter-pruning rate whose validation-accuracy "
+                  f"drop without fine-tuning is <= {sens.max_drop:g}\n# python -m pipeline.run {line}\n")
         (out_dir / "filter_ratios.yaml").write_text(header + ratios_yaml(suggested))
         for name in ("sensitivity.csv", "sensitivity.png", "filter_ratios.yaml"):
             run.artifact(out_dir / name)
 
-    table = df.pivot(index="ratio", columns="layer", values="accuracy")[list(suggested)]
-    print(f"test accuracy, one layer's filters pruned (no fine-tuning), baseline "
-          f"{run.logged['baseline/accuracy']:.4f}:\n{table.to_string(float_format=lambda v: f'{v:.4f}')}")
-    print(f"suggested per-layer rates (drop <= {sens.max_drop:g}): {suggested}")
+    table = df.pivot(index="ratio", columns="layer", values="val_accuracy")[list(suggested)]
+    print(f"validation accuracy, one layer's filters pruned (no fine-tuning), baseline "
+          f"{run.logged['baseline/val_accuracy']:.4f} (test accuracy {run.logged['baseline/accuracy']:.4f}):"
+          f"\n{table.to_string(float_format=lambda v: f'{v:.4f}')}")
+    print(f"suggested per-layer rates (validation-accuracy drop <= {sens.max_drop:g}): {suggested}")
     print(f"python -m pipeline.run {line}")
     log.info("sensitivity-%s written to %s (run %s)", spec.name, out_dir, run.id)
     return {"run_id": run.id, "ratios": suggested}

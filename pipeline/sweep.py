@@ -18,11 +18,16 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import tracking
-from pipeline.config import ConfigError, validate
+from pipeline.config import ConfigError, run_name, validate
 from pipeline.models import check_fits
 
 log = logging.getLogger("pipeline")
 TOTAL_ENV, START_ENV = "PIPELINE_SWEEP_TOTAL", "PIPELINE_SWEEP_START"
+# hydra.sweep.dir ends in the sweep's process id: two sweeps started in the same second get two folders.
+# Cached like Hydra's ${now:}, so every job of a sweep (joblib workers too) sees the parent's value.
+OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True, replace=True)
+_held: dict[Path, Any] = {}  # sweep folder -> its lock, held until the process ends (not on the callback:
+#                              launchers pickle the callback, and a lock cannot be pickled)
 
 
 def in_multirun() -> bool:
@@ -56,7 +61,7 @@ class Job:
         self.num = HydraConfig.get().job.num
         self.total = int(os.environ.get(TOTAL_ENV, 0)) or "?"
         self.start = time.time()
-        self.name = f"{cfg.method.name}-{cfg.sparsity.target:.2f}"
+        self.name = run_name(cfg.method.name, cfg.sparsity.target)
         log.info("[job %s of %s] %s started", self.num + 1, self.total, self.name)
 
     def _record(self, **entry) -> None:
@@ -108,7 +113,7 @@ class SweepCallback(Callback):
                 check_fits(part["model"], data.input_shape, data.num_classes)
         track = parts[0]["tracking"]
         os.environ[TOTAL_ENV], os.environ[START_ENV] = str(len(jobs)), str(time.time())
-        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        self._claim(Path(config.hydra.sweep.dir))
         results_file(config).unlink(missing_ok=True)
         if not track.enabled:
             return
@@ -124,10 +129,32 @@ class SweepCallback(Callback):
         atexit.register(self._close_parent, "KILLED")  # interrupted (Ctrl-C): the parent is not left RUNNING
         log.info("sweep of %d jobs, parent run %s in %s", len(jobs), self.parent, uri)
 
+    @staticmethod
+    def _claim(folder: Path) -> None:
+        """Hold the sweep folder for this sweep's lifetime: a second sweep into it stops with one line."""
+        from filelock import FileLock, Timeout
+
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder / ".sweep.lock"))
+        try:
+            lock.acquire(timeout=0)
+            _held[folder] = lock
+        except Timeout:
+            raise ConfigError(f"hydra.sweep.dir={str(folder)!r} is in use by another sweep that is still "
+                              "running; choose another hydra.sweep.dir or wait for it") from None
+
     def _close_parent(self, status: str) -> None:
-        if self.parent:
-            self.client.set_terminated(self.parent, status)
-            self.parent = None
+        """End the parent run; when interrupted, also the job runs that workers left RUNNING."""
+        if not self.parent:
+            return
+        if status == "KILLED":
+            for run in self.client.search_runs(
+                    [self.client.get_run(self.parent).info.experiment_id],
+                    f"tags.mlflow.parentRunId = '{self.parent}' and attributes.status = 'RUNNING'"):
+                self.client.set_tag(run.info.run_id, "error", "the sweep was interrupted")
+                self.client.set_terminated(run.info.run_id, "KILLED")
+        self.client.set_terminated(self.parent, status)
+        self.parent = None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         results = read_results(results_file(config))
@@ -135,11 +162,11 @@ class SweepCallback(Callback):
         if self.parent:
             from pipeline import report
 
-            run_ids = [r["run_id"] for r in results if r.get("run_id")]
+            run_ids = [r["run_id"] for r in results if r.get("run_id")]  # skipped jobs: the runs reused
             out = Path(config.hydra.sweep.dir) / "report"
             try:
-                report.write(self.client, run_ids, out)
-                for path in sorted(out.iterdir()):
+                self.client.log_text(self.parent, json.dumps(run_ids), "jobs.json")
+                for path in report.write(self.client, run_ids, out):
                     self.client.log_artifact(self.parent, str(path), "report")
                 log.info("report: %s", out)
             finally:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import socket
+import time
 import traceback
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +18,13 @@ from pipeline.config import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_URI = f"sqlite:///{REPO / 'mlruns' / 'mlflow.db'}"
 PARENT_ENV = "PIPELINE_PARENT_RUN_ID"
+CHECKSUMS_TAG = "artifacts.sha256"
+# MLflow retries a failing HTTP request 7 times with growing pauses (about 10 minutes) by default:
+# a tracking server that is down fails the job within about a minute instead.
+for _key, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}.items():
+    os.environ.setdefault(_key, _value)
+log = logging.getLogger(__name__)
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -22,6 +34,12 @@ def resolve_uri(uri: str | None) -> str:
 
 def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def writable(uri: str) -> bool:
+    """Can this process write the store? (A sqlite file needs its folder too, for its journal.)"""
+    db = sqlite_path(uri)
+    return db is None or (os.access(db, os.W_OK) and os.access(db.parent, os.W_OK))
 
 
 def store_dir(uri: str) -> Path:
@@ -37,11 +55,17 @@ def check_store(uri: str) -> None:
                           "sqlite:///<absolute path>.db or http://host:port")
     db = sqlite_path(uri)
     if db is not None:
+        odd = sorted({c for c in "?#%" if c in str(db)})
+        if odd:  # sqlite reads '?' as the start of options and '%20' as an escaped space: another file
+            raise ConfigError(f"tracking.uri={uri!r}: the path contains {' '.join(odd)}, which sqlite would "
+                              "read as URI syntax and open another file; use a path without ? # %")
         parent = db.parent
         while not parent.exists():
             parent = parent.parent
         if not os.access(parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
             raise ConfigError(f"tracking.uri={uri!r}: {parent} is not writable")
+        if db.exists():
+            _check_sqlite(db)
         return
     if uri.startswith(("http://", "https://")):
         from urllib.parse import urlparse
@@ -55,20 +79,60 @@ def check_store(uri: str) -> None:
     raise ConfigError(f"tracking.uri={uri!r}: allowed schemes are sqlite:/// and http(s)://")
 
 
+def _check_sqlite(db: Path) -> None:
+    """A file that is not a sqlite database (or a damaged one) fails here, in one line."""
+    import sqlite3
+
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            conn.execute("select count(*) from sqlite_master").fetchall()
+    except sqlite3.Error as e:
+        raise ConfigError(f"tracking store {db} cannot be opened as an MLflow database: {e}") from None
+
+
 def client(uri: str):
     """An MlflowClient whose store exists. A fresh sqlite database is created (tables and migrations)
     under a file lock beside it: MLflow's SqlAlchemyStore creates its tables unguarded, and two processes
-    doing so at the same moment corrupt the database (e.g. two sweeps started together on a new store)."""
+    doing so at the same moment corrupt the database (e.g. two sweeps started together on a new store).
+    An existing database is opened without the lock, so a read-only store can still be read.
+    A store that is not an MLflow database raises ConfigError (one line)."""
     from mlflow.tracking import MlflowClient
 
     db = sqlite_path(uri)
     if db is None:
         return MlflowClient(tracking_uri=uri)
-    from filelock import FileLock
+    try:
+        if db.exists():
+            return _opened(MlflowClient(tracking_uri=uri))
+        from filelock import FileLock
 
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(db.with_name(db.name + ".lock"))):
-        return MlflowClient(tracking_uri=uri)  # opens the store at once: creates or upgrades the tables
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(db.with_name(db.name + ".lock"))):
+            return _opened(MlflowClient(tracking_uri=uri))  # creates or upgrades the tables
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"tracking store {db} cannot be opened as an MLflow database: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def existing_client(uri: str):
+    """A client for reading a store that must already exist (report, verify): never creates one."""
+    db = sqlite_path(uri)
+    if db is None and not uri.startswith(("http://", "https://")):
+        raise ConfigError(f"tracking URI {uri!r}: allowed schemes are sqlite:/// and http(s)://")
+    if db is not None and not db.is_file():
+        raise ConfigError(f"no tracking store at {db} (tracking URI {uri})")
+    if db is not None:
+        _check_sqlite(db)
+    else:
+        check_store(uri)
+    return client(uri)
+
+
+def _opened(mlflow_client):
+    mlflow_client.search_experiments(max_results=1)  # reads the store now: a corrupt file fails here
+    return mlflow_client
 
 
 def experiment_id(mlflow_client, name: str, uri: str) -> str:
@@ -123,11 +187,11 @@ class Run:
     With no client (tracking=none) it logs nothing but still remembers the metrics."""
 
     def __init__(self, mlflow_client, exp_id: str | None, name: str, tags: dict[str, str]):
-        self.client, self.name, self.logged = mlflow_client, name, {}
+        self.client, self.name, self.logged, self.checksums = mlflow_client, name, {}, {}
         self.id = None
         if mlflow_client is None:
             return
-        tags = {**tags, "pid": str(os.getpid()), "host": socket.gethostname()}
+        tags = {**context_tags(), **tags, "pid": str(os.getpid()), "host": socket.gethostname()}
         if os.environ.get(PARENT_ENV):
             tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
         self.id = mlflow_client.create_run(exp_id, run_name=name, tags=tags).info.run_id
@@ -136,17 +200,24 @@ class Run:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        """FINISHED with the artifacts' checksums, or FAILED/KILLED with the error. If the store cannot
+        be told (server down, disk full), the ending is journaled and recorded on the next start."""
         if self.client is None:
             return False
-        if exc is None:
-            self.client.set_terminated(self.id, "FINISHED")
-            return False
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        status = "FINISHED" if exc is None else "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        error = None if exc is None else f"{exc_type.__name__}: {exc}"
         try:
-            self.client.set_tag(self.id, "error", f"{exc_type.__name__}: {exc}"[:5000])
-            self.text("".join(traceback.format_exception(exc_type, exc, tb)), "error.txt")
-        finally:
+            if exc is None:
+                self.client.set_tag(self.id, CHECKSUMS_TAG, json.dumps(self.checksums, sort_keys=True))
+            else:
+                self.client.set_tag(self.id, "error", error[:5000])
+                self.text("".join(traceback.format_exception(exc_type, exc, tb)), "error.txt")
             self.client.set_terminated(self.id, status)
+        except Exception as store_error:
+            cause = error or f"the tracking store failed while closing the run: {type(store_error).__name__}"
+            journal(self.client.tracking_uri, self.id, "FAILED" if status == "FINISHED" else status, cause)
+            if exc is None:
+                raise
         return False
 
     def params(self, params: dict[str, Any]) -> None:
@@ -170,10 +241,53 @@ class Run:
     def artifact(self, path: str | Path, folder: str | None = None) -> None:
         if self.client:
             self.client.log_artifact(self.id, str(path), folder)
+            name = f"{folder}/{Path(path).name}" if folder else Path(path).name
+            self.checksums[name] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
     def text(self, text: str, name: str) -> None:
         if self.client:
             self.client.log_text(self.id, text, name)
+            self.checksums[name] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def context_tags() -> dict[str, str]:
+    """MLflow's standard run context, as mlflow.start_run records it: user, source, git commit."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    try:
+        return {k: str(v) for k, v in resolve_tags().items()}
+    except Exception:  # context is a courtesy: never fail a run for it
+        return {}
+
+
+def journal_dir() -> Path:
+    """Where a run's ending waits when the store could not be told (outside the store, on purpose)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pipeline" / "unclosed-runs"
+
+
+def journal(uri: str, run_id: str, status: str, error: str) -> None:
+    folder = journal_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    entry = {"uri": uri, "run_id": run_id, "status": status, "error": error[:5000], "time": time.time()}
+    (folder / f"{run_id}.json.tmp").write_text(json.dumps(entry))
+    os.replace(folder / f"{run_id}.json.tmp", folder / f"{run_id}.json")
+    log.error("the tracking store did not answer: run %s will be marked %s on the next start (%s)",
+              run_id, status, folder)
+
+
+def close_journaled(mlflow_client) -> int:
+    """Record the endings journaled for this store; return how many."""
+    folder, closed = journal_dir(), 0
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        entry = json.loads(path.read_text())
+        if entry["uri"] != mlflow_client.tracking_uri:
+            continue
+        if _status(mlflow_client, entry["run_id"]) == "RUNNING":
+            mlflow_client.set_tag(entry["run_id"], "error", entry["error"])
+            mlflow_client.set_terminated(entry["run_id"], entry["status"], int(entry["time"] * 1000))
+            closed += 1
+        path.unlink()
+    return closed
 
 
 def finished_run(mlflow_client, exp_id: str, config_hash: str):
@@ -196,6 +310,18 @@ def close_abandoned(mlflow_client, exp_id: str, config_hash: str) -> int:
             mlflow_client.set_terminated(run.info.run_id, "KILLED")
             closed += 1
     return closed
+
+
+def _status(mlflow_client, run_id: str) -> str | None:
+    """The run's status, or None if the store has no such run (deleted)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow_client.get_run(run_id).info.status
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
 
 
 def _alive(pid: int) -> bool:

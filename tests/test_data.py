@@ -1,6 +1,8 @@
 """Each real data format, written small into tmp_path in its standard layout and read by the same code:
-shapes, dtype, range, labels, the validation split, determinism; and one-line DataErrors for files that
-are missing or malformed (including pickles that reference code)."""
+shapes, dtype, range, labels, the validation split, determinism; one-line DataErrors for files that
+are missing or malformed (including pickles that reference code) and for data that reads fine but would
+give wrong results (empty training split, labels that wrap or skip classes, test classes never trained
+on); one scale for every split; the content digest."""
 
 import gzip
 import pickle
@@ -10,8 +12,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import run_pipeline
 
-from pipeline.data import Cifar10, DataError, FashionMnist, Mnist, Npz, Svhn
+from pipeline.data import Cifar10, DataError, Digits, FashionMnist, Mnist, Npz, Svhn
 
 N_TRAIN, N_TEST = 40, 12
 
@@ -20,8 +23,8 @@ def images(n, shape, seed):
     return np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
 
 
-def labels(n, seed, high=10):
-    y = np.arange(n) % high  # every class present, so num_classes is known
+def labels(n, seed, high=10, first=0):
+    y = np.arange(first, first + n) % high  # every class present, so num_classes is known
     return np.random.default_rng(seed).permutation(y).astype(np.uint8)
 
 
@@ -55,8 +58,8 @@ def write_fashion(root):
     return out
 
 
-def cifar_batch(n, seed):
-    return {b"batch_label": b"batch", b"labels": [int(v) for v in labels(n, seed + 1)],
+def cifar_batch(n, seed, first=0):
+    return {b"batch_label": b"batch", b"labels": [int(v) for v in labels(n, seed + 1, first=first)],
             b"data": images(n, (3072,), seed), b"filenames": [b"f%d.png" % i for i in range(n)]}
 
 
@@ -75,7 +78,7 @@ def cifar_dir(root):
 def write_cifar(root, python2_names=False, per_batch=8):
     d = cifar_dir(root)
     d.mkdir(parents=True)
-    batches = {f"data_batch_{i}": cifar_batch(per_batch, i) for i in range(1, 6)}
+    batches = {f"data_batch_{i}": cifar_batch(per_batch, i, first=(i - 1) * per_batch) for i in range(1, 6)}
     batches["test_batch"] = cifar_batch(N_TEST, 99)
     for name, batch in batches.items():
         (d / name).write_bytes(cifar_bytes(batch, python2_names))
@@ -110,6 +113,7 @@ def check_dataset(ds, n_train, n_test, shape, val_fraction, x_test=None, y_test=
     for y in (ds.y_train, ds.y_val, ds.y_test):
         assert np.issubdtype(y.dtype, np.integer) and y.min() >= 0 and y.max() < num_classes
     assert ds.num_classes == num_classes
+    assert len(ds.digest) == 16 and int(ds.digest, 16) >= 0
     if x_test is not None:  # the test split is kept in order, scaled by 1/255
         np.testing.assert_allclose(ds.x_test, x_test.reshape(ds.x_test.shape) / 255.0, rtol=1e-6)
         np.testing.assert_array_equal(ds.y_test, y_test)
@@ -147,9 +151,12 @@ def test_mnist_npz_in_the_keras_cache(tmp_path):
 
 
 def test_mnist_limit_keeps_the_first_examples(tmp_path):
-    write_npz(tmp_path / "mnist.npz")
-    ds = Mnist(root=str(tmp_path), val_fraction=0.25, limit=20).load(0)
+    arrays = write_npz(tmp_path / "mnist.npz", y_train=np.arange(N_TRAIN) % 10)
+    ds = Mnist(root=str(tmp_path), val_fraction=0.1, limit=20).load(0)
     assert len(ds.x_train) + len(ds.x_val) == 20 and len(ds.x_test) == N_TEST
+    together = np.concatenate([ds.x_train, ds.x_val]).reshape(20, -1)
+    stored = (arrays["x_train"][:20].reshape(20, -1) / 255.0).astype(np.float32)
+    assert sorted(map(bytes, together)) == sorted(map(bytes, stored))
 
 
 def test_fashion_mnist_idx_files(tmp_path):
@@ -362,3 +369,147 @@ def test_cli_missing_data_file_exits_2_with_one_line_and_writes_nothing(tmp_path
     assert len(lines) == 1 and lines[0].startswith("error:") and str(missing) in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "m.db").exists()
+
+
+# --- data that reads fine but would give wrong results: one-line DataError, or a warning ----------------
+
+def npz(tmp_path, **overrides):
+    """An Npz source over a file written with these arrays (the rest as write_npz makes them)."""
+    write_npz(tmp_path / "d.npz", **overrides)
+    return lambda **options: Npz(path=str(tmp_path / "d.npz"), **options)
+
+
+@pytest.mark.parametrize("options, named", [({"limit": 1}, "data.limit=1"),
+                                            ({"val_fraction": 0.9999}, "data.val_fraction=0.9999")])
+def test_empty_training_split(tmp_path, options, named):
+    source = npz(tmp_path)(**options)
+    one_line_error(lambda: source.load(0), named, "leave 0 for training", "at least one of each")
+
+
+def test_limit_that_drops_a_class_names_data_limit(tmp_path):
+    source = npz(tmp_path)(limit=6, val_fraction=0.2)  # 5 training examples cannot hold 10 classes
+    one_line_error(lambda: source.load(0), "data.limit=6", "no example among the 5 training examples",
+                   "raise data.limit")
+
+
+def test_class_whose_only_example_is_held_out_for_validation(tmp_path):
+    y = np.arange(N_TRAIN) % 3
+    y[0] = 3  # class 3 has one example: some seeds put it in the validation split
+    source = npz(tmp_path, y_train=y, y_test=labels(N_TEST, 4, high=3))(val_fraction=0.5)
+    outcomes = []
+    for seed in range(12):
+        try:
+            ds = source.load(seed)
+            assert 3 in ds.y_train
+            outcomes.append("trained")
+        except DataError as e:
+            assert "class(es) 3 of 0..3 have no example" in str(e) and "lower data.val_fraction" in str(e)
+            outcomes.append("error")
+    assert set(outcomes) == {"trained", "error"}
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_labels_that_would_wrap_in_int32(tmp_path, split):
+    y = labels(N_TRAIN if split == "train" else N_TEST, 0).astype(np.int64)
+    y[3] = 2**32  # as int32 it would become 0 and merge with class 0
+    source = npz(tmp_path, **{f"y_{split}": y})()
+    one_line_error(lambda: source.load(0), "< 2**31", str(2**32), "training data" if split == "train" else "test")
+
+
+def test_non_contiguous_label(tmp_path):
+    y = labels(N_TRAIN, 2).astype(np.int64)
+    y[5] = 200000  # today: a 200001-class model
+    source = npz(tmp_path, y_train=y)()
+    msg = one_line_error(lambda: source.load(0), "largest label is 200000", "0..200000", "remap",
+                         "training data")
+    assert "199990 of 0..200000 never occur" in msg and "..., 199999" in msg, msg
+
+
+def test_test_class_absent_from_training(tmp_path):
+    source = npz(tmp_path, y_train=labels(N_TRAIN, 2, high=8), y_test=labels(N_TEST, 4, high=10))()
+    one_line_error(lambda: source.load(0), "test data", "class(es) 8, 9 never occur in the training data",
+                   "0..7")
+
+
+def test_class_absent_from_validation_is_a_warning(tmp_path):
+    ds = npz(tmp_path)(val_fraction=0.025).load(0)  # one validation example: nine classes absent
+    assert len(ds.y_val) == 1 and ds.num_classes == 10
+    absent = sorted(set(range(10)) - {int(ds.y_val[0])})
+    assert ds.warnings == [f"npz: class(es) {', '.join(map(str, absent))} have no example in the validation "
+                           "split (size 1): its accuracy does not cover them"]
+
+
+def test_clean_data_has_no_warnings():
+    assert Digits().load(0).warnings == []
+
+
+@pytest.mark.parametrize("dtype, train_top, test_top, scale", [
+    (np.int16, 3000, 2000, 3000),      # raw values: the training maximum, for every split
+    (np.float32, 3000.5, 2000, 3000.5),
+    (np.uint8, 200, 255, 255),         # 8-bit images: 255, whatever the training maximum
+    (np.float64, 200, 255, 255),       # 8-bit values stored as floats
+    (np.float32, 0.5, 0.9, 1),         # already within [0, 1]: as stored
+])
+def test_one_scale_for_every_split(tmp_path, dtype, train_top, test_top, scale):
+    rng = np.random.default_rng(0)
+    values = rng.random((N_TRAIN, 6, 6)) * train_top
+    x_train = (values.round() if train_top > 1 else values).astype(dtype)
+    x_train[-1, 0, 0] = train_top  # the maximum sits past data.limit: the limit does not change the scale
+    x_test = np.zeros((N_TEST, 6, 6), dtype)
+    x_test[0, 0, 0] = test_top
+    source = npz(tmp_path, x_train=x_train, y_train=np.arange(N_TRAIN) % 10, x_test=x_test)
+    for options in ({}, {"limit": 30}):
+        ds = source(val_fraction=0.2, **options).load(0)
+        n = len(ds.x_train) + len(ds.x_val)
+        expected = (x_train[:n].astype(np.float32) / np.float32(scale)).reshape(n, -1)
+        together = np.concatenate([ds.x_train, ds.x_val]).reshape(n, -1)
+        assert sorted(map(bytes, together)) == sorted(map(bytes, expected))
+        np.testing.assert_array_equal(ds.x_test, (x_test.astype(np.float32) / np.float32(scale))[..., None])
+        assert not any("test images" in w for w in ds.warnings)
+
+
+def test_test_images_beyond_the_training_scale_give_a_warning(tmp_path):
+    x_train = np.full((N_TRAIN, 6, 6), 3000, np.int16)
+    x_test = np.full((N_TEST, 6, 6), 4500, np.int16)
+    ds = npz(tmp_path, x_train=x_train, x_test=x_test)().load(0)
+    assert ds.x_train.max() == 1.0 and ds.x_test.max() == 1.5
+    assert ds.warnings[-1:] == ["npz: test images reach 1.5 after division by 3000, the scale that brings "
+                                "the training images within 1"]
+
+
+def test_digest_follows_the_content(tmp_path):
+    path = tmp_path / "d.npz"
+    arrays = write_npz(path)
+    source = Npz(path=str(path))
+    first = source.load(0).digest
+    assert len(first) == 16
+    assert source.load(1).digest == first  # the split (by the seed) is not part of it
+    np.savez(path, **arrays)  # the same content written again
+    assert source.load(0).digest == first
+    np.savez(tmp_path / "copy.npz", **arrays)
+    assert Npz(path=str(tmp_path / "copy.npz")).load(0).digest == first  # content, not path
+    changed = {**arrays, "x_train": arrays["x_train"].copy()}
+    changed["x_train"][7, 3, 3] ^= 1
+    np.savez(path, **changed)
+    assert source.load(0).digest != first
+    reshaped = {**arrays, "x_train": arrays["x_train"].reshape(N_TRAIN, 14, 56),
+                "x_test": arrays["x_test"].reshape(N_TEST, 14, 56)}
+    np.savez(path, **reshaped)  # the same bytes in another shape
+    assert source.load(0).digest != first
+    relabelled = {**arrays, "y_test": np.roll(arrays["y_test"], 1)}
+    np.savez(path, **relabelled)
+    assert source.load(0).digest != first
+    assert Npz(path=str(path), limit=30).load(0).digest != source.load(0).digest  # the examples used
+
+
+def test_cli_data_error_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    y = labels(N_TRAIN, 2).astype(np.int64)
+    y[5] = 200000
+    write_npz(tmp_path / "d.npz", y_train=y)
+    proc = run_pipeline(["data=npz", f"data.path={tmp_path / 'd.npz'}"], tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: npz training data") and "remap" in lines[0], \
+        proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()

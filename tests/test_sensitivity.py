@@ -1,6 +1,8 @@
-"""The sensitivity scan of filter pruning: real per-layer measurements, the suggested rates, the override
-it prints, and one end-to-end run tracked in MLflow."""
+"""The sensitivity scan of filter pruning: real per-layer measurements on the validation split (the test
+split never decides), the suggested rates, the override it prints, and one end-to-end run tracked in
+MLflow."""
 
+import dataclasses
 import shlex
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import yaml
 from conftest import compose_config
 
 from pipeline.config import validate
-from pipeline.sensitivity import override, ratios_yaml, scan, suggest
+from pipeline.sensitivity import override, ratios_yaml, scan, suggest, val_accuracy
 
 TINY = ["model=vgg_bn", "model.widths=[8,8]", "training=smoke"]
 
@@ -32,10 +34,8 @@ def trained(digits):
 
 @pytest.fixture(scope="module")
 def table(trained, digits):
-    from pipeline.stages.evaluate import test_metrics
-
     before = [w.copy() for w in trained.get_weights()]
-    baseline = test_metrics(trained, digits)["accuracy"]
+    baseline = val_accuracy(trained, digits)
     df = scan(trained, digits, [0.5, 0.25])
     for w, b in zip(trained.get_weights(), before, strict=True):  # weights restored after every trial
         np.testing.assert_array_equal(w, b)
@@ -43,7 +43,8 @@ def table(trained, digits):
 
 
 def accuracy_without_filters(model, data, layer: str, n: int) -> float:
-    """Independently: zero the n filters of smallest L1 norm of one conv (and its BatchNorm), then score."""
+    """Independently: zero the n filters of smallest L1 norm of one conv (and its BatchNorm), then score
+    on the validation split."""
     import keras
 
     clone = keras.models.clone_model(model)
@@ -57,27 +58,39 @@ def accuracy_without_filters(model, data, layer: str, n: int) -> float:
         v = var.numpy()
         v[drop] = 0
         var.assign(v)
-    pred = clone.predict(data.x_test, batch_size=256, verbose=0).argmax(axis=1)
-    return float((pred == data.y_test).mean())
+    clone.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return float(clone.evaluate(data.x_val, data.y_val, batch_size=256, verbose=0)[1])
 
 
 def test_scan_measures_each_layer_at_each_rate(table, trained, digits):
     df, baseline = table
-    assert list(df.columns) == ["layer", "ratio", "accuracy", "drop"]
+    assert list(df.columns) == ["layer", "ratio", "val_accuracy", "drop"]
     assert list(dict.fromkeys(df["layer"])) == ["conv1", "conv2"]
     for _, rows in df.groupby("layer"):
         assert list(rows["ratio"]) == [0.0, 0.25, 0.5]
     assert baseline > 0.3  # a trained model, far above chance (0.1)
-    at_zero = df[df["ratio"] == 0.0]["accuracy"]
+    at_zero = df[df["ratio"] == 0.0]["val_accuracy"]
     np.testing.assert_allclose(at_zero, baseline, atol=1e-7)
-    np.testing.assert_allclose(df["drop"], baseline - df["accuracy"], atol=1e-7)
-    # real measurements: fractions of the test set, matching an independent computation
-    n_test = len(digits.y_test)
-    np.testing.assert_allclose(df["accuracy"] * n_test, np.round(df["accuracy"] * n_test), atol=1e-3)
+    np.testing.assert_allclose(df["drop"], baseline - df["val_accuracy"], atol=1e-7)
+    # real measurements: fractions of the validation set, matching an independent computation
+    n_val = len(digits.y_val)
+    np.testing.assert_allclose(df["val_accuracy"] * n_val, np.round(df["val_accuracy"] * n_val), atol=1e-3)
     for layer, ratio, n in [("conv1", 0.25, 2), ("conv2", 0.5, 4)]:
-        got = df[(df["layer"] == layer) & (df["ratio"] == ratio)]["accuracy"].item()
-        assert got == pytest.approx(accuracy_without_filters(trained, digits, layer, n), abs=1.5 / n_test)
+        got = df[(df["layer"] == layer) & (df["ratio"] == ratio)]["val_accuracy"].item()
+        assert got == pytest.approx(accuracy_without_filters(trained, digits, layer, n), abs=1.5 / n_val)
     assert (df[df["ratio"] == 0.5]["drop"] > 0).any()  # pruning half a layer's 8 filters costs accuracy
+
+
+def test_rates_are_chosen_on_the_validation_split(table, trained, digits):
+    """A test split of noise and wrong labels changes nothing: the scan never looks at it."""
+    rng = np.random.default_rng(0)
+    garbage = dataclasses.replace(digits, x_test=rng.random(digits.x_test.shape, dtype=np.float32),
+                                  y_test=rng.integers(0, digits.num_classes, len(digits.y_test)))
+    df, _ = table
+    pd.testing.assert_frame_equal(scan(trained, garbage, [0.5, 0.25]), df)
+    # while other validation labels change the measurements
+    flipped = dataclasses.replace(digits, y_val=(digits.y_val + 1) % digits.num_classes)
+    assert (scan(trained, flipped, [0.5, 0.25])["val_accuracy"] != df["val_accuracy"]).any()
 
 
 def test_suggest_picks_the_largest_rate_within_max_drop(table):
@@ -113,7 +126,7 @@ def run_sensitivity(args, tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
 
 
-def test_end_to_end_run_is_tracked(tmp_path):
+def test_end_to_end_run_is_tracked(tmp_path, digits):
     from mlflow.tracking import MlflowClient
 
     proc = run_sensitivity([*TINY, "sensitivity.ratios=[0.5]"], tmp_path)
@@ -129,17 +142,20 @@ def test_end_to_end_run_is_tracked(tmp_path):
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_name == "sensitivity-vgg_bn"
     assert "config_hash" not in run.data.tags  # not a job run: the report and verify leave it out
+    assert run.data.tags["data_digest"] == digits.digest and "data_warnings" not in run.data.tags
     for layer in ("conv1", "conv2"):
-        history = client.get_metric_history(run.info.run_id, f"sensitivity/{layer}/accuracy")
+        history = client.get_metric_history(run.info.run_id, f"sensitivity/{layer}/val_accuracy")
         assert sorted(m.step for m in history) == [0, 50]
-        assert {m.step: m.value for m in history}[0] == pytest.approx(run.data.metrics["baseline/accuracy"])
+        assert {m.step: m.value for m in history}[0] == pytest.approx(run.data.metrics["baseline/val_accuracy"])
+        assert f"sensitivity/{layer}/accuracy" not in run.data.metrics
+    assert "baseline/accuracy" in run.data.metrics  # the test accuracy: reported, never used to decide
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
         "sensitivity.csv", "sensitivity.png", "filter_ratios.yaml", "config.yaml"}
 
     folder = tmp_path / "artifacts-back"
     folder.mkdir()
     csv = pd.read_csv(client.download_artifacts(run.info.run_id, "sensitivity.csv", str(folder)))
-    assert list(csv.columns) == ["layer", "ratio", "accuracy", "drop"] and len(csv) == 4
+    assert list(csv.columns) == ["layer", "ratio", "val_accuracy", "drop"] and len(csv) == 4
     ratios_file = client.download_artifacts(run.info.run_id, "filter_ratios.yaml", str(folder))
     ratios = yaml.safe_load(open(ratios_file))
     assert set(ratios) == {"conv1", "conv2"} and set(ratios.values()) <= {0.0, 0.5}

@@ -56,12 +56,21 @@ def test_report_is_logged_on_the_parent(sweep):
     assert mag["sparsity"].is_monotonic_increasing
 
 
-def test_rerun_skips_every_finished_job(sweep):
+def test_rerun_skips_every_finished_job_and_reports_the_runs_it_reused(sweep):
     tmp, client, _ = sweep
     before = len(runs_by_kind(client)["job"])
+    stale = tmp / "multirun" / "report" / "accuracy_vs_sparsity_stale.png"
+    stale.write_bytes(b"left by an earlier sweep")
     proc = run_pipeline(["-m", "method=magnitude,hybrid", "sparsity.target=0.3,0.6", *SMOKE], tmp)
     assert "4 skipped" in proc.stderr + proc.stdout
     assert len(runs_by_kind(client)["job"]) == before
+    parent = max(runs_by_kind(client)["sweep"], key=lambda r: r.info.start_time).info.run_id
+    files = {a.path for a in client.list_artifacts(parent, "report")}
+    assert "report/results.md" in files and "report/accuracy_vs_sparsity_stale.png" not in files
+    assert not stale.exists()
+    from pipeline import report
+
+    assert len(report.runs_frame(client, parent=parent)) == 4  # python -m pipeline.report --parent
 
 
 def test_failing_job_is_failed_and_the_others_finish(tmp_path, client_for):

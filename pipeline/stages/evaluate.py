@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import io
 import statistics
 import time
 
@@ -20,10 +19,22 @@ def test_metrics(model, data) -> dict[str, float]:
 
 
 def gzip_size(model) -> int:
-    """Bytes of the model's weights (no optimizer state), saved as .npz and gzipped."""
-    buffer = io.BytesIO()
-    np.savez(buffer, *model.get_weights())
-    return len(gzip.compress(buffer.getvalue(), compresslevel=9))
+    """Bytes of the model's weights (no optimizer state), concatenated raw and gzipped (level 9).
+    The same weights give the same bytes anywhere, so pipeline.verify can recompute it (an .npz is not
+    byte-stable: its zip entries differ between users of one machine)."""
+    raw = b"".join(np.ascontiguousarray(w).tobytes() for w in model.get_weights())
+    return len(gzip.compress(raw, compresslevel=9, mtime=0))
+
+
+def weight_metrics(model, small_model=None) -> dict[str, float]:
+    """The eval/ metrics the weights alone determine: accounting.summary of the masked `model`, the
+    gzipped size of the final model and, with a shrunk `small_model`, its FLOPs and parameters."""
+    out = accounting.summary(model)
+    out["size_gzip_bytes"] = gzip_size(small_model if small_model is not None else model)
+    if small_model is not None:
+        out["flops_shrunk"] = accounting.flops(small_model)[0]
+        out["params_shrunk"] = small_model.count_params()
+    return out
 
 
 def latency_ms(model, x: np.ndarray, repeats: int) -> float:
@@ -55,14 +66,13 @@ LATENCY_REPEATS = {1: 30, 256: 10}  # timed forward passes per model (a median o
 
 
 def evaluate(model, data, dense_model=None, small_model=None) -> dict[str, float]:
-    """The eval/ metrics: `model` is the masked model; `small_model` its shrunk form, if any."""
+    """The eval/ metrics: `model` is the masked model; `small_model` its shrunk form, if any.
+    `accuracy` and `loss` are the final model's (the shrunk one where it exists), `masked_accuracy`
+    the masked model's, so that each logged model's accuracy can be checked."""
     final = small_model if small_model is not None else model
     out = test_metrics(final, data)
-    out.update(accounting.summary(model))
-    out["size_gzip_bytes"] = gzip_size(final)
-    if small_model is not None:
-        out["flops_shrunk"] = accounting.flops(small_model)[0]
-        out["params_shrunk"] = small_model.count_params()
+    out["masked_accuracy"] = test_metrics(model, data)["accuracy"] if small_model is not None else out["accuracy"]
+    out.update(weight_metrics(model, small_model))
     if dense_model is not None:
         for batch, repeats in LATENCY_REPEATS.items():
             x = np.resize(data.x_test, (batch, *data.x_test.shape[1:])).astype("float32")
