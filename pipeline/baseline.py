@@ -80,7 +80,7 @@ def for_job(conf: dict[str, Any], parts: dict, data, client, exp_id, uri: str):
     """The job's trained dense model: (model, hash, trained_now). A baseline trained here is logged once,
     as its own run (tag kind=baseline)."""
     from pipeline import tracking
-    from pipeline.config import flatten, identity
+    from pipeline.config import identity
     from pipeline.stages.evaluate import test_metrics
     from pipeline.stages.train import train_baseline
 
@@ -93,7 +93,7 @@ def for_job(conf: dict[str, Any], parts: dict, data, client, exp_id, uri: str):
             return
         tags = {"kind": "baseline", "baseline_hash": key}
         with tracking.Run(client, exp_id, f"baseline-{key[:8]}", tags) as b:
-            b.params(flatten(spec_b))
+            b.params(tracking.params_of(spec_b))
             b.history("train", history)  # per epoch; baseline/* holds the test-set figures
             b.metrics(test_metrics(trained, data), prefix="baseline/")
             b.artifact(path, "model")

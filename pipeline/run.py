@@ -23,7 +23,6 @@ from pipeline import sweep, tracking  # noqa: E402
 from pipeline.config import (  # noqa: E402
     ConfigError,
     config_hash,
-    flatten,
     identity,
     job_config,
     run_name,
@@ -71,7 +70,7 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
         tags["data_warnings"] = "; ".join(data.warnings)
     started = time.perf_counter()
     with tracking.Run(client, exp_id, name, tags) as run:
-        run.params(flatten(conf))
+        run.params(tracking.params_of(conf))
         run.text(OmegaConf.to_yaml(conf), "config.yaml")
         model, bhash, trained = baseline.for_job(conf, parts, data, client, exp_id, uri)
         run.tag("baseline_hash", bhash)
@@ -100,7 +99,8 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
             pd.DataFrame(accounting.layer_rows(model)).to_csv(tmp / "layers.csv", index=False)
             run.artifact(tmp / "layers.csv")
             model.save(tmp / "model.keras")
-            run.artifact(tmp / "model.keras", "model")
+            run.artifact(tmp / "model.keras", "model")  # the file pipeline.verify checks
+            run.keras_model(model, data.x_test[:2])
             if kept:
                 small.save(tmp / "shrunk.keras")
                 run.artifact(tmp / "shrunk.keras", "model")

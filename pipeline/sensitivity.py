@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError  # noqa: E402
 
 from pipeline import tracking  # noqa: E402
-from pipeline.config import ConfigError, _one_line, flatten, job_config, require, validate  # noqa: E402
+from pipeline.config import ConfigError, _one_line, job_config, require, validate  # noqa: E402
 from pipeline.run import exit_config_error  # noqa: E402
 
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ def run_scan(cfg: DictConfig, parts: dict, data, sens: Sensitivity, out_dir: Pat
     if data.warnings:
         tags["data_warnings"] = "; ".join(data.warnings)  # as pipeline.run tags its jobs
     with tracking.Run(client, exp_id, f"sensitivity-{spec.name}", tags) as run:
-        run.params(flatten(conf))
+        run.params(tracking.params_of(conf))
         run.text(OmegaConf.to_yaml(conf), "config.yaml")
         model, bhash, trained = baseline.for_job(conf, parts, data, client, exp_id, uri)
         run.tag("baseline_hash", bhash)

@@ -122,7 +122,7 @@ class SweepCallback(Callback):
         client = tracking.client(uri)  # the database and experiment exist before any worker starts
         exp_id = tracking.experiment_id(client, track.experiment, uri)
         parent = client.create_run(exp_id, run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
-                                   tags={"kind": "sweep", "jobs": str(len(jobs)),
+                                   tags={**tracking.context_tags(), "kind": "sweep", "jobs": str(len(jobs)),
                                          "overrides": " ".join(config.hydra.overrides.task)})
         os.environ[tracking.PARENT_ENV] = parent.info.run_id
         self.client, self.parent = client, parent.info.run_id
@@ -168,6 +168,8 @@ class SweepCallback(Callback):
                 self.client.log_text(self.parent, json.dumps(run_ids), "jobs.json")
                 for path in report.write(self.client, run_ids, out):
                     self.client.log_artifact(self.parent, str(path), "report")
+                frontier = log_frontier(self.client, self.parent, report.runs_frame(self.client, run_ids))
+                self.client.set_tag(self.parent, "mlflow.note.content", describe(config, len(results), frontier))
                 log.info("report: %s", out)
             finally:
                 self._close_parent("FAILED" if failed else "FINISHED")
@@ -177,3 +179,45 @@ class SweepCallback(Callback):
             for r in failed:
                 log.error("  failed: job %d %s: %s", r["job"] + 1, r["name"], r["error"])
             sys.exit(1)
+
+
+def log_frontier(client, parent: str, runs) -> list[str]:
+    """Per method, mean accuracy and FLOPs ratio (dense / effective, or / shrunk where the network was
+    shrunk) as metric series on the parent run whose step is the measured sparsity in per mille: the
+    parent's chart tab draws accuracy against sparsity, one line per method. Returns the methods."""
+    import re
+
+    from mlflow.entities import Metric
+
+    from pipeline import report
+
+    if runs.empty:
+        return []
+    flops = runs["metrics.eval/flops_shrunk"].fillna(runs["metrics.eval/flops_effective"]) \
+        if "metrics.eval/flops_shrunk" in runs else runs["metrics.eval/flops_effective"]
+    # never one line over different settings: what differs between the runs joins the method's name
+    differing = [c for c in report.setting_columns(runs) if runs[c].nunique(dropna=False) > 1]
+    label = report.method_labels(runs).str.cat([runs[c].astype(str) for c in differing], sep="_")
+    label = label.map(lambda text: re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_"))
+    points = runs.assign(flops_ratio=runs["metrics.eval/flops_dense"] / flops, label=label).groupby(
+        ["label", "params.sparsity.target"])[["metrics.eval/accuracy", "metrics.eval/sparsity", "flops_ratio"]].mean()
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"frontier/{method}/{name}", float(row[column]), now, round(1000 * row["metrics.eval/sparsity"]))
+               for (method, _), row in points.iterrows()
+               for name, column in (("accuracy", "metrics.eval/accuracy"), ("flops_ratio", "flops_ratio"))]
+    for i in range(0, len(metrics), 500):
+        client.log_batch(parent, metrics=metrics[i: i + 500])
+    return sorted({method for method, _ in points.index})
+
+
+def describe(config: DictConfig, jobs: int, methods: list[str]) -> str:
+    """The parent run's description (MLflow's note): what was swept and where to read the results."""
+    given = list(config.hydra.overrides.task)
+    named = {o.split("=", 1)[0] for o in given}  # the command line wins over the sweeper's own grid
+    grid = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items() if k not in named]
+    return (f"Sweep of {jobs} jobs: `{' '.join(given + grid) or '(the defaults)'}`.\n\n"
+            "- Report: artifacts `report/results.md` (tables per setting), `report/results.csv`, plots.\n"
+            "- Frontier: Model metrics / Chart tab, `frontier/<method>/accuracy` and `frontier/<method>/flops_ratio`"
+            " against the measured sparsity in per mille (the step)" + (f", methods {', '.join(methods)}" if methods
+                                                                       else "") + ".\n"
+            "- Jobs: the runs nested under this one, plus those it reused (`jobs.json`).")

@@ -19,6 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_URI = f"sqlite:///{REPO / 'mlruns' / 'mlflow.db'}"
 PARENT_ENV = "PIPELINE_PARENT_RUN_ID"
 CHECKSUMS_TAG = "artifacts.sha256"
+EXPERIMENT_NOTE = (
+    "Pruning jobs of `python -m pipeline.run`: one run per job, named `<method>-<target>`, with its "
+    "accuracy (`eval/accuracy`), sparsity over every denominator (`eval/*sparsity`), FLOPs and latency, "
+    "masks and model. Each sweep is a parent run (`sweep-<time>`) whose description, report "
+    "(`report/results.md`) and charts (`frontier/<method>/accuracy` against sparsity in per mille) "
+    "compare its jobs; baselines are runs tagged `kind=baseline`.")
 # MLflow retries a failing HTTP request 7 times with growing pauses (about 10 minutes) by default:
 # a tracking server that is down fails the job within about a minute instead.
 for _key, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -142,12 +148,20 @@ def experiment_id(mlflow_client, name: str, uri: str) -> str:
         return exp.experiment_id
     artifacts = (store_dir(uri) / "artifacts").as_uri() if sqlite_path(uri) else None
     try:
-        return mlflow_client.create_experiment(name, artifact_location=artifacts)
+        return mlflow_client.create_experiment(name, artifact_location=artifacts,
+                                               tags={"mlflow.note.content": EXPERIMENT_NOTE})
     except Exception:  # created meanwhile by another process
         exp = mlflow_client.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def params_of(conf: dict[str, Any]) -> dict[str, Any]:
+    """A config as MLflow params: dotted keys, without `_target_` class paths and unset (null) values."""
+    from pipeline.config import flatten
+
+    return {k: v for k, v in flatten(conf).items() if v is not None and not k.endswith("_target_")}
 
 
 def log_params(mlflow_client, run_id: str, params: dict[str, Any]) -> None:
@@ -188,7 +202,7 @@ class Run:
 
     def __init__(self, mlflow_client, exp_id: str | None, name: str, tags: dict[str, str]):
         self.client, self.name, self.logged, self.checksums = mlflow_client, name, {}, {}
-        self.id = None
+        self.id, self.exp_id = None, exp_id
         if mlflow_client is None:
             return
         tags = {**context_tags(), **tags, "pid": str(os.getpid()), "host": socket.gethostname()}
@@ -248,6 +262,24 @@ class Run:
         if self.client:
             self.client.log_text(self.id, text, name)
             self.checksums[name] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def keras_model(self, model, example) -> None:
+        """The model as an MLflow Logged model (Keras flavour, input signature inferred from `example`):
+        it can be registered and served from the UI."""
+        if not self.client:
+            return
+        import keras
+        import mlflow
+        import mlflow.tensorflow
+        import numpy as np
+        import tensorflow as tf
+        from mlflow.models import infer_signature
+
+        mlflow.set_tracking_uri(self.client.tracking_uri)
+        mlflow.set_experiment(experiment_id=self.exp_id)  # where the fluent API creates the Logged model
+        signature = infer_signature(example, np.asarray(model(example, training=False)))
+        mlflow.tensorflow.log_model(model, name="model", signature=signature, run_id=self.id,
+                                    pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
 
 
 def context_tags() -> dict[str, str]:

@@ -3,8 +3,10 @@
 import hashlib
 import json
 
+import matplotlib.image
 import pandas as pd
 import pytest
+from scipy import stats
 
 from pipeline import report, tracking
 
@@ -27,8 +29,9 @@ def exp(store, request):
 
 
 def job(client, exp_id, method="magnitude", target=0.5, seed=0, acc=0.9, code_version="new",
-        data_digest="d1", status="FINISHED", parent=None, start_time=None, config_hash=None, **params):
-    """A job run as pipeline.run logs it: dotted params, tags, final metrics."""
+        data_digest="d1", status="FINISHED", parent=None, start_time=None, config_hash=None, metrics=None,
+        **params):
+    """A job run as pipeline.run logs it: dotted params, tags, final metrics (more in `metrics`)."""
     params = {**PARAMS, "method.name": method, "sparsity.target": str(target), "seed": str(seed), **params}
     tags = {k: v for k, v in {"code_version": code_version, "data_digest": data_digest,
                               "mlflow.parentRunId": parent}.items() if v is not None}
@@ -39,7 +42,7 @@ def job(client, exp_id, method="magnitude", target=0.5, seed=0, acc=0.9, code_ve
     for k, v in params.items():
         client.log_param(run_id, k, v)
     metrics = {"baseline/accuracy": 0.95, "pruned/accuracy": acc - 0.1, "eval/accuracy": acc,
-               "eval/sparsity": target}
+               "eval/sparsity": target, **(metrics or {})}
     for k, v in metrics.items():
         client.log_metric(run_id, k, v)
     client.set_terminated(run_id, status)
@@ -148,6 +151,15 @@ def test_write_replaces_its_own_files_and_returns_them(exp, tmp_path):
                                                           "other.png", "results.csv", "results.md"]
 
 
+def test_write_replaces_every_figure_it_owns(exp, tmp_path):
+    client, exp_id, _, _ = exp
+    run = job(client, exp_id)
+    for name in ("accuracy_vs_cost_old.png", "difference_to_baselines_old.png"):
+        (tmp_path / name).write_text("left by an earlier report")
+    files = report.write(client, [run], tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in files)
+
+
 def test_only_finished_job_runs_count(exp, tmp_path):
     client, exp_id, _, _ = exp
     job(client, exp_id, acc=0.9)
@@ -164,3 +176,87 @@ def test_only_finished_job_runs_count(exp, tmp_path):
 def test_no_runs(exp, tmp_path):
     files, csv, md = write(exp, tmp_path)
     assert "No finished runs." in md and csv.empty and [p.name for p in files] == ["results.csv", "results.md"]
+
+
+def rows(md: str, title: str) -> list[list[str]]:
+    """The cells of the table under the first heading that starts with `title`, header first."""
+    text = md.split(f"### {title}", 1)[1].split("\n#", 1)[0]
+    lines = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("|") and "---" not in line]
+    return [[cell.strip() for cell in line] for line in lines]
+
+
+def test_accuracy_table_is_method_by_target_with_seeds(exp, tmp_path):
+    client, exp_id, _, _ = exp
+    for seed, acc in enumerate([0.95, 0.96, 0.97]):
+        job(client, exp_id, seed=seed, acc=acc)
+    job(client, exp_id, target=0.7, seed=0, acc=0.9)
+    job(client, exp_id, method="filter", acc=0.8)
+    _, csv, md = write(exp, tmp_path)
+    assert rows(md, "Accuracy after fine-tuning") == [["method", "0.5", "0.7"],
+                                                      ["filter", "0.8000 (1)", ""],
+                                                      ["magnitude", "0.9600 ± 0.0100 (3)", "0.9000 (1)"]]
+    assert "Dense baseline: 0.9500 ± 0.0000 (3)" in md
+    assert list(csv["seeds"]) == [1, 3, 1]  # results.csv stays long: one row per method x target
+
+
+def test_efficiency_table_and_flops_ratio(exp, tmp_path):
+    client, exp_id, _, _ = exp
+    cost = {"eval/flops_dense": 1000, "eval/flops_effective": 500, "eval/compression": 2.0}
+    job(client, exp_id, metrics=cost)
+    job(client, exp_id, method="filter", metrics={**cost, "eval/flops_shrunk": 250, "eval/speedup_measured": 1.5})
+    _, csv, md = write(exp, tmp_path)
+    assert dict(zip(csv["method"], csv["flops_ratio"])) == {"filter": 4.0, "magnitude": 2.0}  # shrunk where any
+    header = ["method", "target", "sparsity", "compression", "flops_ratio", "speedup_measured"]
+    assert rows(md, "Efficiency") == [header, ["filter", "0.5", "0.5", "2", "4", "1.5"],
+                                      ["magnitude", "0.5", "0.5", "2", "2", ""]]  # not measured: blank
+
+
+def test_pareto_frontier_keeps_the_points_nothing_beats():
+    points = pd.DataFrame({"cost": [1, 2, 2, 3, 4, 5, 5, 6, float("nan")],
+                           "acc": [0.5, 0.7, 0.6, 0.7, 0.9, 0.8, 0.9, 0.95, 1.0]})
+    front = report.pareto(points, "cost", "acc")
+    # (2, 0.6) loses to (2, 0.7), (3, 0.7) to (2, 0.7), (5, 0.8) and (5, 0.9) to (4, 0.9); NaN is no point
+    assert list(zip(front["cost"], front["acc"])) == [(1, 0.5), (2, 0.7), (4, 0.9), (6, 0.95)]
+
+
+def test_paired_difference_has_a_95_percent_t_interval(exp, tmp_path):
+    client, exp_id, _, _ = exp
+    magnitude, filter_ = [0.90, 0.92, 0.95], [0.91, 0.95, 0.96]
+    for seed, (a, b) in enumerate(zip(magnitude, filter_)):
+        job(client, exp_id, seed=seed, acc=a)
+        job(client, exp_id, method="filter", seed=seed, acc=b)
+    job(client, exp_id, method="filter", seed=7, acc=0.5)  # no magnitude run of seed 7: no pair
+    job(client, exp_id, method="filter", target=0.7, acc=0.85)
+    job(client, exp_id, target=0.7, acc=0.8)
+    _, _, md = write(exp, tmp_path)
+    d = pd.Series(filter_) - pd.Series(magnitude)
+    low, high = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+    diffs = report.paired_differences(report.per_run(report.runs_frame(exp[0], None, [exp_id]))[0])
+    (row,) = diffs[(diffs["method"] == "filter") & (diffs["target"] == 0.5)].to_dict("records")
+    assert row["pairs"] == 3
+    assert (row["diff"], row["low"], row["high"]) == pytest.approx((d.mean(), low, high))
+    interval = f"{report.signed(d.mean())} [{report.signed(low)}, {report.signed(high)}] (3 seeds)"
+    assert interval == "+0.017 [−0.012, +0.045] (3 seeds)"
+    assert rows(md, "Difference in fine-tuned accuracy") == [["method", "vs", "0.5", "0.7"],  # no random runs
+                                                             ["filter", "magnitude", interval,
+                                                              "+0.050 (1 seed, no interval)"]]
+
+
+def test_plots_are_written_and_listed(exp, tmp_path):
+    client, exp_id, _, _ = exp
+    for method, seed, target in [(m, s, t) for m in ("magnitude", "random", "filter") for s in (0, 1)
+                                 for t in (0.3, 0.6)]:
+        flops = 1000 * (1 - target)
+        job(client, exp_id, method=method, seed=seed, target=target, acc=0.9 - target / 4 + seed / 100,
+            metrics={"eval/flops_dense": 1000, "eval/flops_effective": flops, "eval/latency_ms_dense_b256": 5.0,
+                     "eval/latency_ms_pruned_b256": 5 * (1 - target / 2)})
+    job(client, exp_id, data_digest="d2")  # another group: one run, no FLOPs, no pairs
+    files, _, md = write(exp, tmp_path)
+    pngs = sorted(p.name for p in files if p.suffix == ".png")
+    assert pngs == ["accuracy_vs_cost_d1.png", "accuracy_vs_sparsity_d1.png", "accuracy_vs_sparsity_d2.png",
+                    "difference_to_baselines_d1.png"]
+    assert all(p.is_file() for p in files)
+    cost = matplotlib.image.imread(tmp_path / "accuracy_vs_cost_d1.png")
+    sparsity = matplotlib.image.imread(tmp_path / "accuracy_vs_sparsity_d1.png")
+    assert cost.ndim == 3 and cost.shape == sparsity.shape  # two panels each: FLOPs and latency
+    assert md.count("### Difference in fine-tuned accuracy") == 1

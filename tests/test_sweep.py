@@ -87,3 +87,34 @@ def test_failing_job_is_failed_and_the_others_finish(tmp_path, client_for):
     assert "nope" in failed.data.tags["error"]
     lines = [json.loads(x) for x in next(tmp_path.glob("multirun/jobs.jsonl")).read_text().splitlines()]
     assert sorted(x["status"] for x in lines) == ["FAILED", "FINISHED"]
+
+
+def test_the_mlflow_view_needs_no_clicking(sweep):
+    """Runs carry MLflow's context and a Logged model; the parent carries a description and the frontier
+    as metric series whose step is the measured sparsity in per mille; params carry no noise."""
+    import mlflow
+
+    tmp, client, _ = sweep
+    kinds = runs_by_kind(client)
+    exp = client.get_experiment_by_name("pruning")
+    assert "parent run" in exp.tags["mlflow.note.content"]
+    parent = min(kinds["sweep"], key=lambda r: r.info.start_time)
+    assert "Sweep of 4 jobs" in parent.data.tags["mlflow.note.content"]
+    for method in ("magnitude", "hybrid"):
+        history = client.get_metric_history(parent.info.run_id, f"frontier/{method}/accuracy")
+        jobs = sorted((r for r in kinds["job"] if r.data.params["method.name"] == method),
+                      key=lambda r: r.data.metrics["eval/sparsity"])
+        assert [h.step for h in sorted(history, key=lambda h: h.step)] == [
+            round(1000 * r.data.metrics["eval/sparsity"]) for r in jobs]
+        assert client.get_metric_history(parent.info.run_id, f"frontier/{method}/flops_ratio")
+    job = kinds["job"][0]
+    assert {"mlflow.user", "mlflow.source.name", "mlflow.source.git.commit"} <= set(job.data.tags)
+    assert not any(k.endswith("_target_") for k in job.data.params)
+    assert "None" not in job.data.params.values()
+    (output,) = job.outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert model.source_run_id == job.info.run_id and model.experiment_id == exp.experiment_id
+    mlflow.set_tracking_uri(client.tracking_uri)
+    info = mlflow.models.get_model_info(f"models:/{output.model_id}")
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 8, 8, 1)
+    assert "tensorflow" in info.flavors

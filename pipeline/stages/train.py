@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -9,6 +10,9 @@ import keras
 import numpy as np
 
 from pipeline.config import Phase
+
+log = logging.getLogger("pipeline")
+PROGRESS_AFTER_S = 10.0  # log each epoch of a phase expected to take longer than this (seconds)
 
 
 class TrainingDiverged(RuntimeError):
@@ -40,6 +44,30 @@ class EpochSeconds(keras.callbacks.Callback):
             logs["seconds"] = time.perf_counter() - self.start
 
 
+class Progress(keras.callbacks.Callback):
+    """One log line per epoch (stage, epoch i/N, loss, accuracy, val_accuracy, seconds), from the epoch at
+    which the phase is expected to take more than `after_s` seconds: the time so far plus, from the second
+    epoch on (the first one traces the graph), this epoch's time for each epoch left. So the last epoch of
+    a long phase is always logged, and short phases (tests, tiny sweeps) stay quiet."""
+
+    def __init__(self, stage: str, after_s: float):
+        super().__init__()
+        self.stage, self.after_s, self.loud = stage, after_s, False
+
+    def on_train_begin(self, logs=None):
+        self.start = self.last = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now, done, total = time.perf_counter(), epoch + 1, self.params["epochs"]
+        seconds, self.last = now - self.last, now
+        left = (total - done) * seconds if done > 1 else 0.0  # the first epoch's time includes tracing
+        self.loud = self.loud or now - self.start + left > self.after_s
+        if self.loud:
+            values = [(logs or {}).get(k, math.nan) for k in ("loss", "accuracy", "val_accuracy")]
+            log.info("%s epoch %d/%d: loss %.4f, accuracy %.4f, val_accuracy %.4f, %.1fs", self.stage, done, total,
+                     *values, seconds)
+
+
 def compile_model(model, phase: Phase) -> None:
     if phase.optimizer == "sgd":
         opt = keras.optimizers.SGD(phase.lr, momentum=phase.momentum, weight_decay=phase.weight_decay or None)
@@ -53,7 +81,8 @@ def fit(model, data, phase: Phase, stage: str, callbacks=()) -> dict[str, list[f
     compile_model(model, phase)
     history = model.fit(data.x_train, data.y_train, batch_size=phase.batch_size, epochs=phase.epochs,
                         validation_data=(data.x_val, data.y_val), shuffle=True, verbose=0,
-                        callbacks=[StopOnNonFinite(stage), EpochSeconds(), *callbacks])
+                        callbacks=[StopOnNonFinite(stage), EpochSeconds(), Progress(stage, PROGRESS_AFTER_S),
+                                   *callbacks])
     return {k: [float(v) for v in vals] for k, vals in history.history.items()}
 
 
