@@ -22,6 +22,7 @@ TARGET_GROUPS = ("data", "model", "method", "sparsity")
 TOP_LEVEL_KEYS = {"data", "model", "training", "method", "sparsity", "tracking", "seed", "hydra"}
 SEED_LIMIT = 2**32  # numpy's and Keras's seeds are unsigned 32-bit integers
 PACKAGE = Path(__file__).resolve().parent
+WHERE_NOT_WHAT = {"path", "root", "download"}  # where data is found: its digest stands for what it is
 
 
 class ConfigError(ValueError):
@@ -163,8 +164,9 @@ def code_version() -> str:
 
 def identity(seed: int, parts: dict[str, Any], data_digest: str) -> dict[str, Any]:
     """What determines a job's result: each group as its schema filled it (defaults included; where
-    it is tracked aside), the seed, the data's content and the code."""
-    groups = {group: {"_target_": f"{type(obj).__module__}.{type(obj).__qualname__}", **dataclasses.asdict(obj)}
+    it is tracked and where its data lies aside), the seed, the data's content and the code."""
+    groups = {group: {"_target_": f"{type(obj).__module__}.{type(obj).__qualname__}",
+                      **{k: v for k, v in dataclasses.asdict(obj).items() if k not in WHERE_NOT_WHAT}}
               for group, obj in parts.items() if group != "tracking"}
     return {**groups, "seed": seed, "data_digest": data_digest, "code_version": code_version()}
 

@@ -6,24 +6,39 @@ Labels are int32 classes 0..K-1, each present in the training split; the test la
 The validation split is held out of the training data with the job's seed; the test split is used only
 for reported metrics. A Dataset carries the digest of its content and warnings for conditions that are
 legitimate but notable; data that would give wrong results is a one-line DataError instead.
-Real data sets are read from their standard local files and never downloaded.
+Standard data sets (mnist, fashion_mnist, cifar10, cifar100, svhn) are read where keras.datasets keeps them
+or from a system copy, and downloaded there on first use (see Standard).
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
+from filelock import FileLock
 
 from pipeline.config import ConfigError, require
 
-KERAS_CACHE = "~/.keras/datasets"
+log = logging.getLogger(__name__)
+
 MAX_LABEL = 2**31 - 1  # labels are int32
+KERAS_ORIGIN = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
+KERAS_TMP = Path("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir())  # Keras's fallback home's parent
+MIRROR_ENV = "PIPELINE_DATA_MIRROR"  # a base URL serving every file under its own name, e.g. a local mirror
+TIMEOUT_S = 60  # per connection and per read: a stalled download fails instead of hanging
+CHUNK = 1 << 20
 
 
 class DataError(ConfigError):
@@ -41,6 +56,8 @@ class Dataset:
     num_classes: int
     digest: str  # of x_train, y_train, x_test, y_test as loaded (before the validation split)
     warnings: list[str] = field(default_factory=list)  # legitimate but notable, e.g. a class absent from val
+    source: str = ""  # where it was read from (a path, or what produced it)
+    name: str = ""
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -63,6 +80,10 @@ class DataSource:
         """x_train, y_train, x_test, y_test as stored."""
         raise NotImplementedError
 
+    def source(self) -> str:
+        """Where the arrays come from (after arrays(): a path, or what produced them)."""
+        return f"{type(self).__module__}.{type(self).__qualname__}"
+
     def load(self, seed: int) -> Dataset:
         x_train, y_train, x_test, y_test = self.arrays(seed)
         x_train, y_train = _checked(x_train, y_train, f"{self.name} training data")
@@ -84,7 +105,8 @@ class DataSource:
             warnings.append(f"{self.name}: test images reach {x_test.max():.4g} after division by {scale:g}, "
                             "the scale that brings the training images within 1")
         return Dataset(x_train[train], y_train[train], x_train[val], y_train[val], x_test, y_test, num_classes,
-                       digest=_digest(x_train, y_train, x_test, y_test), warnings=warnings)
+                       digest=_digest(x_train, y_train, x_test, y_test), warnings=warnings, source=self.source(),
+                       name=self.name)
 
     def _split(self, y: np.ndarray, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Indices of the training and validation examples, by the seed; every class keeps a training one."""
@@ -217,6 +239,9 @@ class Digits(DataSource):
         super().__post_init__()
         require(0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "a number in (0, 1)")
 
+    def source(self):
+        return "sklearn.datasets.load_digits"
+
     def arrays(self, seed):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
@@ -236,30 +261,217 @@ class Npz(DataSource):
     name: str = "npz"
     path: str = "???"
 
+    def source(self):
+        return str(Path(os.path.expanduser(self.path)).resolve())
+
     def arrays(self, seed):
         path = Path(os.path.expanduser(self.path))
         return _load_npz(_require_file(path, self.name, "set data.path to an .npz with x_train, y_train, "
                                        "x_test, y_test"), self.name)
 
 
+# --- standard data sets: found where keras.datasets keeps them, in a system copy, or downloaded -----------
+
+@dataclass(frozen=True)
+class Remote:
+    """One published file of a standard data set."""
+
+    path: str  # where keras.datasets keeps it, relative to the data set's folder
+    url: str
+    checksum: str  # "<hashlib algorithm>:<hex digest>", as published
+    unpack: str = ""  # an archive: extracted into this folder beside it, as keras.datasets does
+
+
+def _remotes(folder: str, origin: str, algorithm: str, files: dict[str, str]) -> tuple[Remote, ...]:
+    return tuple(Remote(f"{folder}{name}", origin + name, f"{algorithm}:{digest}") for name, digest in files.items())
+
+
+# keras.datasets' origins, file names and checksums (keras 3.15). keras.datasets.fashion_mnist checks none: its
+# files are Zalando's (same sizes), checked against Zalando's published MD5s. svhn (not in keras.datasets): the
+# SVHN site's files and published MD5s (as torchvision checks them).
+REMOTE: dict[str, tuple[Remote, ...]] = {
+    "mnist": _remotes("", KERAS_ORIGIN, "sha256", {
+        "mnist.npz": "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"}),
+    "fashion_mnist": _remotes("fashion-mnist/", KERAS_ORIGIN, "md5", {
+        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79"}),
+    "cifar10": (Remote("cifar-10-batches-py-target_archive", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                       "sha256:6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
+                       unpack="cifar-10-batches-py-target"),),
+    "cifar100": (Remote("cifar-100-python-target_archive", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                        "sha256:85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7",
+                        unpack="cifar-100-python-target"),),
+    "svhn": _remotes("", "http://ufldl.stanford.edu/housenumbers/", "md5", {
+        "train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
+        "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3"}),
+}
+# Copies installed by the system, laid out as in the Keras cache: Debian's package dataset-fashion-mnist.
+SYSTEM_DIRS: dict[str, tuple[str, ...]] = {"fashion_mnist": ("/usr/share/datasets",)}
+
+
+def keras_cache() -> list[Path]:
+    """The Keras cache as keras.utils.get_file picks it: $KERAS_HOME/datasets, else ~/.keras/datasets (/tmp/.keras
+    when the home folder is not writable); when that Keras home is not writable, /tmp/.keras/datasets, listed
+    second (the first is still read). Downloads go to the last."""
+    if os.environ.get("KERAS_HOME"):
+        home = Path(os.path.expanduser(os.environ["KERAS_HOME"]))
+    else:
+        user = Path(os.path.expanduser("~"))
+        home = (user if os.access(user, os.W_OK) else KERAS_TMP) / ".keras"
+    fallback = KERAS_TMP / ".keras"
+    if _writable(home) or home == fallback:
+        return [home / "datasets"]
+    return [home / "datasets", fallback / "datasets"]
+
+
+def _writable(path: Path) -> bool:
+    """True when path is, or can be made, a folder we may write in (Keras makes its home when absent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK)
+
+
+def _url(remote: Remote) -> str:
+    mirror = os.environ.get(MIRROR_ENV)
+    return f"{mirror.rstrip('/')}/{remote.url.rsplit('/', 1)[1]}" if mirror else remote.url
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, urllib.error.HTTPError):
+        text = f"HTTP {e.code} {e.reason}"
+    elif isinstance(e, urllib.error.URLError):
+        text = str(e.reason)
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
+def _hash_file(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch(url: str, target: Path, checksum: str, dataset: str) -> None:
+    """Download url to target: into a temporary file beside it, checked against checksum, then renamed, so
+    target is absent or complete and verified. Any failure is one DataError naming url and target."""
+    algorithm, expected = checksum.split(":", 1)
+    digest, tmp = hashlib.new(algorithm), None
+    by_hand = f"download it by hand to {target}"
+    log.info("%s: downloading %s to %s", dataset, url, target)
+    try:
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".part",
+                                         delete=False) as out:
+            tmp = Path(out.name)
+            with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+                while chunk := response.read(CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+        if digest.hexdigest() != expected:
+            raise DataError(f"{dataset}: the download of {url} does not match its published {algorithm} {expected} "
+                            f"(got {digest.hexdigest()}); nothing was kept: {by_hand}")
+        os.replace(tmp, target)
+    except DataError:
+        raise
+    except Exception as e:  # offline, refused, HTTP error, timeout, truncated, disk full
+        raise DataError(f"{dataset}: cannot download {url} ({_reason(e)}): {by_hand}") from None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    log.info("%s: %s verified (%s)", dataset, target, algorithm)
+
+
+def _unpack(archive: Path, folder: Path, dataset: str) -> None:
+    """Extract archive into folder: into a temporary folder beside it, then renamed (replacing an incomplete one)."""
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except Exception as e:
+        raise DataError(f"{dataset}: cannot extract {archive} into {folder} ({_reason(e)}): delete the archive to "
+                        "download it again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @dataclass
-class KerasCache(DataSource):
-    """A data set in the keras cache directory (~/.keras/datasets), as keras.datasets leaves it."""
+class Standard(DataSource):
+    """A standard data set, with the files keras.datasets uses. They are looked for in data.root (null: the
+    Keras cache, see keras_cache), then in system copies (SYSTEM_DIRS: Debian's dataset-fashion-mnist), else
+    downloaded there on first use (data.download=true) from keras.datasets' origins (REMOTE; the environment
+    variable PIPELINE_DATA_MIRROR replaces their base URL), checked against the published checksums; one
+    process downloads while the others wait (a file lock beside the file). data.download=false never uses the
+    network. A missing, failed or mismatched file is one DataError naming the URL and the path to place it at."""
 
-    root: str = KERAS_CACHE
+    root: str | None = None
+    download: bool = True
 
-    def dir(self) -> Path:
-        return Path(os.path.expanduser(self.root))
+    layouts: ClassVar[tuple[str, ...]] = ("",)  # folders (in a base) that may hold the files; downloads: the first
+    files: ClassVar[tuple[str, ...]] = ()
+    in_cache: ClassVar[str] = ""  # the data set's folder in the Keras cache
+
+    def source(self):
+        return str(self.paths()[0].parent)
+
+    def paths(self) -> list[Path]:
+        """The data set's files, found or downloaded."""
+        bases = [Path(os.path.expanduser(self.root))] if self.root else [c / self.in_cache for c in keras_cache()]
+        system = [Path(d) for d in SYSTEM_DIRS.get(self.name, ())]
+        for base in bases + system:
+            for layout in self.layouts:
+                found = [base / layout / f for f in self.files]
+                if all(p.is_file() for p in found):
+                    return found
+        home = bases[-1]
+        expected = [home / self.layouts[0] / f for f in self.files]
+        for remote in REMOTE[self.name]:
+            self._obtain(remote, home, expected if remote.unpack else [home / remote.path], system)
+        return expected
+
+    def _obtain(self, remote: Remote, home: Path, provides: list[Path], system: list[Path]) -> None:
+        """Make the files `remote` provides present in home: download it (or extract it) unless they are."""
+        missing = [p for p in provides if not p.is_file()]
+        if not missing:
+            return
+        target, url = home / remote.path, _url(remote)
+        if not self.download and not target.is_file():
+            elsewhere = "".join(f" nor in {d / self.layouts[0]}" for d in system)
+            raise DataError(f"{self.name}: file not found: {missing[0]}{elsewhere}; data.download=false: download "
+                            f"{url} to {target} by hand, or set data.download=true")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"{self.name}: cannot create {target.parent} ({_reason(e)}) to download {url} into: "
+                            "set data.root to a writable folder") from None
+        with FileLock(f"{target}.lock"):  # one process downloads; the others wait, then find the file
+            if all(p.is_file() for p in provides):
+                return
+            placed = target.is_file()
+            if not placed:
+                fetch(url, target, remote.checksum, self.name)
+            if remote.unpack:
+                algorithm, expected = remote.checksum.split(":", 1)
+                if placed and _hash_file(target, algorithm) != expected:
+                    raise DataError(f"{self.name}: {target} does not match the published {algorithm} of {url} "
+                                    f"({expected}): delete it to download it again")
+                _unpack(target, home / remote.unpack, self.name)
 
 
 @dataclass
-class Mnist(KerasCache):
+class Mnist(Standard):
+    """keras.datasets.mnist: mnist.npz."""
+
     name: str = "mnist"
+    files: ClassVar[tuple[str, ...]] = ("mnist.npz",)
 
     def arrays(self, seed):
-        path = _require_file(self.dir() / "mnist.npz", self.name,
-                             "keras.datasets.mnist.load_data() leaves it there on a machine with network")
-        return _load_npz(path, self.name)
+        return _load_npz(self.paths()[0], self.name)
 
 
 def _read_idx(path: Path, offset: int, dataset: str) -> np.ndarray:
@@ -268,25 +480,6 @@ def _read_idx(path: Path, offset: int, dataset: str) -> np.ndarray:
             return np.frombuffer(f.read(), np.uint8, offset=offset)
     except Exception as e:
         raise DataError(f"{dataset}: cannot read {path} as gzipped IDX: {e}") from None
-
-
-@dataclass
-class FashionMnist(KerasCache):
-    name: str = "fashion_mnist"
-
-    def arrays(self, seed):
-        d = self.dir() / "fashion-mnist"
-        hint = "keras.datasets.fashion_mnist.load_data() leaves the four IDX files there"
-        out = []
-        for prefix in ("train", "t10k"):
-            images = _require_file(d / f"{prefix}-images-idx3-ubyte.gz", self.name, hint)
-            labels = _require_file(d / f"{prefix}-labels-idx1-ubyte.gz", self.name, hint)
-            y = _read_idx(labels, 8, self.name)
-            x = _read_idx(images, 16, self.name)
-            if x.size != len(y) * 28 * 28:
-                raise DataError(f"{self.name}: {images} holds {x.size} bytes, expected {len(y)} images of 28x28")
-            out += [x.reshape(len(y), 28, 28), y]
-        return tuple(out)
 
 
 class _NoObjects(pickle.Unpickler):
@@ -302,43 +495,84 @@ class _NoObjects(pickle.Unpickler):
 
 
 @dataclass
-class Cifar10(KerasCache):
-    name: str = "cifar10"
+class FashionMnist(Standard):
+    """keras.datasets.fashion_mnist: four gzipped IDX files in fashion-mnist/; Debian's package
+    dataset-fashion-mnist installs them under /usr/share/datasets/fashion-mnist, found without network."""
+
+    name: str = "fashion_mnist"
+    layouts: ClassVar[tuple[str, ...]] = ("fashion-mnist",)
+    files: ClassVar[tuple[str, ...]] = ("train-labels-idx1-ubyte.gz", "train-images-idx3-ubyte.gz",
+                                        "t10k-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz")
 
     def arrays(self, seed):
-        candidates = [self.dir() / "cifar-10-batches-py-target" / "cifar-10-batches-py",
-                      self.dir() / "cifar-10-batches-py"]
-        d = next((c for c in candidates if c.is_dir()), candidates[0])
-        hint = "keras.datasets.cifar10.load_data() extracts data_batch_1..5 and test_batch there"
-        batches = [self._batch(_require_file(d / f"data_batch_{i}", self.name, hint)) for i in range(1, 6)]
-        x_test, y_test = self._batch(_require_file(d / "test_batch", self.name, hint))
-        return (np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]),
-                x_test, y_test)
+        out = []
+        paths = self.paths()
+        for labels, images in (paths[:2], paths[2:]):
+            y = _read_idx(labels, 8, self.name)
+            x = _read_idx(images, 16, self.name)
+            if x.size != len(y) * 28 * 28:
+                raise DataError(f"{self.name}: {images} holds {x.size} bytes, expected {len(y)} images of 28x28")
+            out += [x.reshape(len(y), 28, 28), y]
+        return tuple(out)
+
+
+@dataclass
+class Cifar10(Standard):
+    """keras.datasets.cifar10: the python batches, extracted from cifar-10-python.tar.gz (or extracted by hand
+    into data.root/cifar-10-batches-py)."""
+
+    name: str = "cifar10"
+    layouts: ClassVar[tuple[str, ...]] = ("cifar-10-batches-py-target/cifar-10-batches-py", "cifar-10-batches-py")
+    files: ClassVar[tuple[str, ...]] = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
+    label_key: ClassVar[bytes] = b"labels"
+
+    def arrays(self, seed):
+        *train, test = (self._batch(p) for p in self.paths())
+        return np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train]), *test
 
     def _batch(self, path: Path):
         try:
             with open(path, "rb") as f:
                 batch = _NoObjects(f, encoding="bytes").load()
             data = np.asarray(batch[b"data"], np.uint8)
-            return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(batch[b"labels"])
+            return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(batch[self.label_key])
         except Exception as e:
-            raise DataError(f"{self.name}: cannot read {path} as a CIFAR-10 python batch: {e}") from None
+            raise DataError(f"{self.name}: cannot read {path} as a CIFAR python batch: {e}") from None
 
 
 @dataclass
-class Svhn(DataSource):
-    """SVHN's cropped digits from train_32x32.mat and test_32x32.mat (label 10 means digit 0)."""
+class Cifar100(Cifar10):
+    """keras.datasets.cifar100: train and test, extracted from cifar-100-python.tar.gz; label_mode fine (100
+    classes) or coarse (20 superclasses)."""
+
+    name: str = "cifar100"
+    label_mode: str = "fine"
+    layouts: ClassVar[tuple[str, ...]] = ("cifar-100-python-target/cifar-100-python", "cifar-100-python")
+    files: ClassVar[tuple[str, ...]] = ("train", "test")
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.label_mode in ("fine", "coarse"), "label_mode", self.label_mode, "fine or coarse")
+
+    @property
+    def label_key(self) -> bytes:
+        return f"{self.label_mode}_labels".encode()
+
+
+@dataclass
+class Svhn(Standard):
+    """SVHN's cropped digits: train_32x32.mat and test_32x32.mat (label 10 means digit 0) in data.root (null:
+    svhn/ in the Keras cache), from the SVHN site."""
 
     name: str = "svhn"
-    root: str = "~/.keras/datasets/svhn"
+    files: ClassVar[tuple[str, ...]] = ("train_32x32.mat", "test_32x32.mat")
+    in_cache: ClassVar[str] = "svhn"
 
     def arrays(self, seed):
         from scipy.io import loadmat
 
         out = []
-        for split in ("train", "test"):
-            path = _require_file(Path(os.path.expanduser(self.root)) / f"{split}_32x32.mat", self.name,
-                                 f"download {split}_32x32.mat from the SVHN site into data.root")
+        for path in self.paths():
             try:
                 mat = loadmat(path)
                 x, y = np.transpose(mat["X"], (3, 0, 1, 2)), mat["y"].reshape(-1) % 10

@@ -188,11 +188,12 @@ def interval(differences: pd.Series, level: float = 0.95) -> dict:
 
 def paired_differences(runs: pd.DataFrame) -> pd.DataFrame:
     """For one group: each method's fine-tuned accuracy minus each reference method's (REFERENCES present
-    in the group) at the same target, paired by seed: reference, method, target, pairs, diff, low, high."""
+    in the group; not the mirror image of one already shown, random minus magnitude) at the same target,
+    paired by seed: reference, method, target, pairs, diff, low, high."""
     acc = runs.pivot_table(index=["target", "seed"], columns="method", values="acc_finetuned")
     rows = [{"reference": ref, "method": method, "target": target, **interval(d)}
-            for ref in REFERENCES if ref in acc
-            for method in acc.columns.drop(ref)
+            for i, ref in enumerate(REFERENCES) if ref in acc
+            for method in acc.columns.drop(list(REFERENCES[:i + 1]), errors="ignore")
             for target, d in (acc[method] - acc[ref]).dropna().groupby(level="target")]
     return pd.DataFrame(rows, columns=["reference", "method", "target", "pairs", "diff", "low", "high"])
 
@@ -237,8 +238,9 @@ def accuracy_table(runs: pd.DataFrame) -> str:
 
 
 def efficiency_table(runs: pd.DataFrame) -> str:
-    rows = summarize(runs, [])[EFFICIENCY].dropna(axis=1, how="all")
-    return rows.to_markdown(index=False, floatfmt=".4g", missingval="")
+    rows = summarize(runs, [])[EFFICIENCY].dropna(axis=1, how="all")  # a metric no run logged: no column
+    blank = rows.astype(object).where(rows.notna(), None)  # a cell not logged: blank (tabulate's missingval)
+    return blank.to_markdown(index=False, floatfmt=".4g", missingval="")
 
 
 def difference_table(diffs: pd.DataFrame) -> str:
@@ -265,13 +267,13 @@ def common_values(df: pd.DataFrame) -> str:
                      if df[c].notna().all() and not _differs(df[c]))
 
 
-def by_group(t: pd.DataFrame, keys: list[str]) -> list[tuple[dict, pd.DataFrame]]:
+def by_group(rows: pd.DataFrame, keys: list[str]) -> list[tuple[dict, pd.DataFrame]]:
     """(the group's defining values, its rows without them), one per group."""
-    if t.empty:
+    if rows.empty:
         return []
     if not keys:
-        return [({}, t)]
-    return [(dict(zip(keys, values)), part.drop(columns=keys)) for values, part in t.groupby(keys)]
+        return [({}, rows)]
+    return [(dict(zip(keys, values)), part.drop(columns=keys)) for values, part in rows.groupby(keys)]
 
 
 def heading(values: dict) -> str:
@@ -343,15 +345,13 @@ def save(fig, axes, title: str, ylabel: str, path: Path) -> Path:
     return path
 
 
-def points(ax, x: pd.Series, y: pd.Series, err=None, ls: str = "-", **kw) -> str:
-    """Points with error bars, joined by a line unless two share an x value (a line would zigzag there).
-    Returns their colour."""
+def points(ax, x: pd.Series, y: pd.Series, err=None, ls: str = "-", **kw) -> None:
+    """Points with error bars, joined by a line unless two share an x value (a line would zigzag there)."""
     kw.setdefault("marker", "o")
-    bars = ax.errorbar(x, y, yerr=err, ls=ls if x.is_unique else "none", ms=4, capsize=2, **kw)
-    return bars.lines[0].get_color()
+    ax.errorbar(x, y, yerr=err, ls=ls if x.is_unique else "none", ms=4, capsize=2, **kw)
 
 
-def plot_sparsity(part: pd.DataFrame, title: str, path: Path) -> Path:
+def plot_sparsity(part: pd.DataFrame, colors: dict, title: str, path: Path) -> Path:
     """The study's figure: accuracy against the prune rate and the measured sparsity, one curve per method,
     before and after fine-tuning."""
     fig, axes = panels(2)
@@ -359,7 +359,8 @@ def plot_sparsity(part: pd.DataFrame, title: str, path: Path) -> Path:
                                      ("sparsity", "measured sparsity (all conv+dense kernels)")]):
         for method, m in part.groupby("method"):
             m = m.sort_values(x)
-            color = points(ax, m[x], m["acc_finetuned"], m["acc_finetuned_std"], label=f"{method} fine-tuned")
+            color = colors[method]
+            points(ax, m[x], m["acc_finetuned"], m["acc_finetuned_std"], color=color, label=f"{method} fine-tuned")
             points(ax, m[x], m["acc_pruned"], ls="--", marker="x", color=color, label=f"{method} pruned")
         ax.set_xlabel(label)
     return save(fig, axes, f"{title}: accuracy vs sparsity (error bars: std over seeds)", "test accuracy", path)
@@ -371,7 +372,7 @@ def cost_axes(part: pd.DataFrame) -> list[tuple[str, str, str]]:
     return [c for c in (FLOPS, latency) if c and part[c[0]].notna().any()]
 
 
-def plot_cost(part: pd.DataFrame, title: str, path: Path) -> Path | None:
+def plot_cost(part: pd.DataFrame, colors: dict, title: str, path: Path) -> Path | None:
     """Fine-tuned accuracy against FLOPs and measured latency, each method's Pareto frontier drawn."""
     costs = cost_axes(part)
     if not costs:
@@ -379,16 +380,16 @@ def plot_cost(part: pd.DataFrame, title: str, path: Path) -> Path | None:
     fig, axes = panels(len(costs))
     for ax, (x, dense, label) in zip(axes, costs):
         for method, m in part.groupby("method"):
-            color = points(ax, m[x], m["acc_finetuned"], m["acc_finetuned_std"], ls="none", alpha=0.6)
+            points(ax, m[x], m["acc_finetuned"], m["acc_finetuned_std"], ls="none", alpha=0.6, color=colors[method])
             front = pareto(m, x, "acc_finetuned")
-            ax.plot(front[x], front["acc_finetuned"], color=color, label=f"{method} (frontier)")
+            ax.plot(front[x], front["acc_finetuned"], color=colors[method], label=f"{method} (frontier)")
         ax.plot(part[dense].mean(), part["acc_baseline"].mean(), "k*", ms=10, label="dense")
         ax.set_xlabel(label)
     return save(fig, axes, f"{title}: accuracy vs cost (lines: Pareto frontiers; error bars: std over seeds)",
                 "fine-tuned test accuracy", path)
 
 
-def plot_differences(runs: pd.DataFrame, title: str, path: Path) -> Path | None:
+def plot_differences(runs: pd.DataFrame, colors: dict, title: str, path: Path) -> Path | None:
     """Each method's fine-tuned accuracy minus magnitude's and random's, paired by seed, 95% t-intervals."""
     diffs = paired_differences(runs)
     if diffs.empty:
@@ -398,9 +399,9 @@ def plot_differences(runs: pd.DataFrame, title: str, path: Path) -> Path | None:
         for method, m in d.groupby("method"):
             m = m.sort_values("target")
             err = [(m["diff"] - m["low"]).fillna(0), (m["high"] - m["diff"]).fillna(0)]
-            color = points(ax, m["target"], m["diff"], err, label=method)
+            points(ax, m["target"], m["diff"], err, color=colors[method], label=method)
             one = m[m["pairs"] == 1]
-            ax.scatter(one["target"], one["diff"], s=80, facecolors="none", edgecolors=color)
+            ax.scatter(one["target"], one["diff"], s=80, facecolors="none", edgecolors=colors[method])
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xlabel("prune rate (method's own pool)")
         ax.set_title(f"minus {ref}", fontsize=9)
@@ -410,11 +411,13 @@ def plot_differences(runs: pd.DataFrame, title: str, path: Path) -> Path | None:
 
 
 def plots(runs: pd.DataFrame, title: str, out: Path, name: str) -> list[Path]:
-    """The figures of one group that have something to show, named <prefix>_<name>.png."""
+    """The figures of one group that have something to show, named <prefix>_<name>.png; one colour per
+    method in all of them."""
     part = summarize(runs, [])
-    figures = [plot_sparsity(part, title, out / f"{PLOTS[0]}_{name}.png"),
-               plot_cost(part, title, out / f"{PLOTS[1]}_{name}.png"),
-               plot_differences(runs, title, out / f"{PLOTS[2]}_{name}.png")]
+    colors = {method: f"C{i % 10}" for i, method in enumerate(part["method"].unique())}
+    figures = [plot_sparsity(part, colors, title, out / f"{PLOTS[0]}_{name}.png"),
+               plot_cost(part, colors, title, out / f"{PLOTS[1]}_{name}.png"),
+               plot_differences(runs, colors, title, out / f"{PLOTS[2]}_{name}.png")]
     return [p for p in figures if p is not None]
 
 

@@ -71,6 +71,7 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
     started = time.perf_counter()
     with tracking.Run(client, exp_id, name, tags) as run:
         run.params(tracking.params_of(conf))
+        run.dataset(data)
         run.text(OmegaConf.to_yaml(conf), "config.yaml")
         model, bhash, trained = baseline.for_job(conf, parts, data, client, exp_id, uri)
         run.tag("baseline_hash", bhash)
@@ -114,7 +115,11 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig):
+def main(cfg: DictConfig) -> float:
+    """One job. Returns its objective, the number a sweeper such as Optuna maximises (sweep.objective: the
+    validation accuracy, or minus the excess over hydra.callbacks.sweep.flops_budget), read from the job's
+    run: the one it made or, when skipped as already FINISHED, the one it reuses (NaN with tracking off).
+    In a sweep a failed job returns -inf, and the sweep goes on."""
     if not sweep.in_multirun():
         try:
             parts = validate(cfg)
@@ -124,16 +129,29 @@ def main(cfg: DictConfig):
                 tracking.check_store(tracking.resolve_uri(parts["tracking"].uri))
         except ConfigError as e:
             exit_config_error(e)  # here, not in cli(): Hydra would print a job error line first
-        return run_job(cfg, parts, data)
+        return job_objective(run_job(cfg, parts, data), parts["tracking"])
     job = sweep.Job(cfg)
-    try:  # the sweep's callback has validated every job's config and data before any started
+    try:  # with the basic sweeper, the sweep's callback validated every job's config and data before any started
         parts = validate(cfg)
-        result = run_job(cfg, parts, parts["data"].load(cfg.seed))
-    except Exception as e:  # one failing job never stops the sweep; its run is already FAILED
+        data = parts["data"].load(cfg.seed)
+        if not job.validated:  # another sweeper's job: known only now
+            check_fits(parts["model"], data.input_shape, data.num_classes)
+        result = run_job(cfg, parts, data)
+        value = job_objective(result, parts["tracking"])
+    except Exception as e:  # one failing job never stops the sweep; its run (if it had one) is already FAILED
         job.failed(e)
-        return None
-    job.finished(result)
-    return result
+        return sweep.FAILED_OBJECTIVE
+    job.finished(result, value)
+    return value
+
+
+def job_objective(result: dict, track) -> float:
+    """sweep.objective from the metrics of the job's run as the store holds them (the same for a run made
+    now and for one reused); NaN when tracking is off (no run to read; an optimising sweep requires one)."""
+    if not result.get("run_id"):
+        return float("nan")
+    metrics = tracking.client(tracking.resolve_uri(track.uri)).get_run(result["run_id"]).data.metrics
+    return sweep.objective(metrics, sweep.flops_budget())
 
 
 def exit_config_error(e: Exception) -> None:

@@ -1,11 +1,13 @@
-"""Sweeps: the Hydra callback that opens the parent run, validates every job before any trains,
-reports progress, and writes the comparison report at the end."""
+"""Sweeps: the Hydra callback that opens the parent run, validates the jobs (all before any trains with
+Hydra's basic sweeper; each as it starts with another sweeper, e.g. Optuna), reports progress, and writes
+the comparison report at the end; and the objective a job returns for an optimising sweeper."""
 
 from __future__ import annotations
 
 import atexit
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -18,11 +20,18 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import tracking
-from pipeline.config import ConfigError, run_name, validate
+from pipeline.config import ConfigError, require, run_name, validate
 from pipeline.models import check_fits
 
 log = logging.getLogger("pipeline")
 TOTAL_ENV, START_ENV = "PIPELINE_SWEEP_TOTAL", "PIPELINE_SWEEP_START"
+SWEPT_ENV = "PIPELINE_SWEEP_KEYS"  # the keys the sweep varies (JSON): a job's start line names their values
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+# What a job returns for a sweeper to maximise (see objective()): the final model's accuracy on the
+# validation split (its last fine-tuning epoch); the test split stays for the reported metrics.
+OBJECTIVE_METRIC = "finetune/val_accuracy"
+FAILED_OBJECTIVE = float("-inf")  # a failed job's: below every result, and the sweep goes on (Optuna stops
+#                                   on None or NaN)
 # hydra.sweep.dir ends in the sweep's process id: two sweeps started in the same second get two folders.
 # Cached like Hydra's ${now:}, so every job of a sweep (joblib workers too) sees the parent's value.
 OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True, replace=True)
@@ -34,14 +43,59 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def job_overrides(config: DictConfig) -> list[list[str]]:
-    """Each job's overrides, expanded as Hydra's basic sweeper expands them."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+def _overrides(config: DictConfig) -> list:
+    """The sweep's overrides, parsed: the sweeper's params, then the command line's (which win)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
-    parsed = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
-    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    return OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
+
+
+def is_basic_sweeper(config: DictConfig) -> bool:
+    """Hydra's basic sweeper: its jobs are known before any starts. Another (e.g. Optuna) picks each job
+    from the results so far."""
+    return config.hydra.sweeper.get("_target_") == BASIC_SWEEPER
+
+
+def job_overrides(config: DictConfig) -> list[list[str]]:
+    """Each job's overrides, expanded as Hydra's basic sweeper expands them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    return [job for batch in BasicSweeper.split_arguments(_overrides(config), None) for job in batch]
+
+
+def shared_overrides(config: DictConfig) -> list[str]:
+    """The overrides that no sweep varies: what every job of any sweeper has in common."""
+    return [o.input_line for o in _overrides(config) if not o.is_sweep_override()]
+
+
+def swept_keys(config: DictConfig) -> list[str]:
+    return sorted({o.key_or_group for o in _overrides(config) if o.is_sweep_override()})
+
+
+def flops_budget() -> float | None:
+    """The FLOPs budget of the running job's sweep callback (hydra.callbacks.sweep.flops_budget), if any."""
+    if not HydraConfig.initialized():
+        return None
+    for callback in (HydraConfig.get().get("callbacks") or {}).values():
+        if callback.get("_target_") == f"{__name__}.{SweepCallback.__name__}":
+            return callback.get("flops_budget")
+    return None
+
+
+def objective(metrics: dict[str, float], budget: float | None = None) -> float:
+    """What a job returns for a sweeper (e.g. Optuna) to maximise, from the metrics its run logged: the
+    final model's validation accuracy. With a FLOPs budget (the fraction of the dense model's
+    multiply-accumulates a job may keep: eval/flops_effective / eval/flops_dense <= budget), a job over
+    it scores minus its excess instead: below every job within the budget, and higher the nearer it
+    comes, so the search is led towards the budget."""
+    accuracy = float(metrics[OBJECTIVE_METRIC])
+    if math.isnan(accuracy):
+        return FAILED_OBJECTIVE
+    if budget is None:
+        return accuracy
+    kept = metrics["eval/flops_effective"] / metrics["eval/flops_dense"]
+    return accuracy if kept <= budget else -(kept - budget)
 
 
 def results_file(config: DictConfig | None = None) -> Path:
@@ -55,38 +109,61 @@ def read_results(path: Path) -> list[dict[str, Any]]:
 
 
 class Job:
-    """One job of a sweep: announces itself and records how it ended."""
+    """One job of a sweep: announces itself and records how it ended. With Hydra's basic sweeper the
+    sweep's callback knows the total and validated this job before any started; with another sweeper
+    the total is unknown ("job 3") and the job is validated as it starts (`validated` is False)."""
 
     def __init__(self, cfg: DictConfig):
-        self.num = HydraConfig.get().job.num
-        self.total = int(os.environ.get(TOTAL_ENV, 0)) or "?"
+        hydra_cfg = HydraConfig.get()
+        self.num = hydra_cfg.job.num
+        total = os.environ.get(TOTAL_ENV, "")
+        self.total = int(total) if total.isdigit() and int(total) > 0 else None
+        self.validated = self.total is not None
         self.start = time.time()
-        self.name = run_name(cfg.method.name, cfg.sparsity.target)
-        log.info("[job %s of %s] %s started", self.num + 1, self.total, self.name)
+        self.label = f"[job {self.num + 1} of {self.total}]" if self.total else f"[job {self.num + 1}]"
+        try:
+            self.name = run_name(cfg.method.name, cfg.sparsity.target)
+        except Exception:  # a config that cannot even name its run: validating it will say why
+            self.name = f"job-{self.num + 1}"
+        swept = set(json.loads(os.environ.get(SWEPT_ENV) or "[]"))
+        chosen = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
+        log.info("%s %s started%s", self.label, self.name, f": {' '.join(chosen)}" if chosen else "")
 
     def _record(self, **entry) -> None:
         entry = {"job": self.num, "name": self.name, "seconds": round(time.time() - self.start, 2), **entry}
         with open(results_file(), "a") as f:  # one short line per write: appends do not interleave
             f.write(json.dumps(entry) + "\n")
         done = len(read_results(results_file()))
-        elapsed = time.time() - float(os.environ.get(START_ENV, self.start))
-        left = (elapsed / done * (self.total - done)) if isinstance(self.total, int) and done else float("nan")
-        log.info("[job %s of %s] %s %s in %.1fs; %d done, elapsed %.0fs, about %.0fs left", self.num + 1,
-                 self.total, self.name, entry["status"].lower(), entry["seconds"], done, elapsed, left)
+        elapsed = time.time() - float(os.environ.get(START_ENV) or self.start)
+        left = f", about {elapsed / done * (self.total - done):.0f}s left" if self.total and done else ""
+        scored = f" (objective {entry['objective']:.4f})" if entry.get("objective") is not None else ""
+        log.info("%s %s %s in %.1fs%s; %d done, elapsed %.0fs%s", self.label, self.name, entry["status"].lower(),
+                 entry["seconds"], scored, done, elapsed, left)
 
-    def finished(self, result: dict[str, Any]) -> None:
+    def finished(self, result: dict[str, Any], objective: float | None = None) -> None:
         status = "SKIPPED" if result.get("skipped") else "FINISHED"
-        self._record(status=status, run_id=result.get("run_id"), accuracy=result.get("accuracy"))
+        self._record(status=status, run_id=result.get("run_id"), accuracy=result.get("accuracy"),
+                     objective=objective)
 
     def failed(self, error: BaseException) -> None:
-        log.error("[job %s] %s failed: %s: %s", self.num + 1, self.name, type(error).__name__, error)
-        self._record(status="FAILED", error=f"{type(error).__name__}: {error}")
+        what = "invalid config" if isinstance(error, ConfigError) else type(error).__name__
+        text = " ".join(str(error).split())
+        log.error("%s %s failed: %s: %s", self.label, self.name, what, text)
+        self._record(status="FAILED", error=f"{what}: {text}")
 
 
 class SweepCallback(Callback):
     """Validates the whole sweep, opens the parent run, and closes it with the report."""
 
     parent: str | None = None
+
+    def __init__(self, flops_budget: float | None = None) -> None:
+        """flops_budget (hydra.callbacks.sweep.flops_budget): the fraction of the dense model's FLOPs a
+        job may keep for its objective to be its accuracy (see objective()); None: no budget."""
+        require(flops_budget is None or (isinstance(flops_budget, int | float) and not isinstance(flops_budget, bool)
+                                         and 0 < flops_budget <= 1), "hydra.callbacks.sweep.flops_budget",
+                flops_budget, "a number in (0, 1]: the fraction of the dense model's FLOPs a job may keep")
+        self.flops_budget = flops_budget
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
@@ -98,10 +175,15 @@ class SweepCallback(Callback):
     def _start(self, config: DictConfig) -> None:
         from hydra import compose
 
-        jobs = job_overrides(config)
+        # The basic sweeper's jobs are known: each is checked here, before any trains. Another sweeper picks
+        # its jobs as results come in: what they all share is checked here, each job as it starts.
+        basic = is_basic_sweeper(config)
+        jobs = job_overrides(config) if basic else [shared_overrides(config)]
         name = config.hydra.job.config_name
         configs = [compose(config_name=name, overrides=overrides) for overrides in jobs]
         parts = [validate(cfg) for cfg in configs]  # every job's config is checked before any trains
+        if not basic:
+            self._check_optimiser(config, parts[0]["tracking"])
         datasets, checked = {}, set()
         for cfg, part in zip(configs, parts):  # every data set is found and readable, every model fits it
             key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True) + str(cfg.seed)
@@ -112,7 +194,8 @@ class SweepCallback(Callback):
                 checked.add(model_key)
                 check_fits(part["model"], data.input_shape, data.num_classes)
         track = parts[0]["tracking"]
-        os.environ[TOTAL_ENV], os.environ[START_ENV] = str(len(jobs)), str(time.time())
+        os.environ[TOTAL_ENV], os.environ[START_ENV] = str(len(jobs)) if basic else "", str(time.time())
+        os.environ[SWEPT_ENV] = json.dumps(swept_keys(config))
         self._claim(Path(config.hydra.sweep.dir))
         results_file(config).unlink(missing_ok=True)
         if not track.enabled:
@@ -122,12 +205,30 @@ class SweepCallback(Callback):
         client = tracking.client(uri)  # the database and experiment exist before any worker starts
         exp_id = tracking.experiment_id(client, track.experiment, uri)
         parent = client.create_run(exp_id, run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
-                                   tags={**tracking.context_tags(), "kind": "sweep", "jobs": str(len(jobs)),
+                                   tags={**tracking.context_tags(), "kind": "sweep",
+                                         "jobs": str(len(jobs)) if basic else "?",
+                                         "sweeper": config.hydra.sweeper.get("_target_", "?").rsplit(".", 1)[-1],
                                          "overrides": " ".join(config.hydra.overrides.task)})
         os.environ[tracking.PARENT_ENV] = parent.info.run_id
         self.client, self.parent = client, parent.info.run_id
         atexit.register(self._close_parent, "KILLED")  # interrupted (Ctrl-C): the parent is not left RUNNING
-        log.info("sweep of %d jobs, parent run %s in %s", len(jobs), self.parent, uri)
+        if basic:
+            log.info("sweep of %d jobs, parent run %s in %s", len(jobs), self.parent, uri)
+        else:
+            log.info("sweep by %s (each job is validated as it starts), parent run %s in %s",
+                     config.hydra.sweeper.get("_target_"), self.parent, uri)
+
+    @staticmethod
+    def _check_optimiser(config: DictConfig, track) -> None:
+        """A sweeper that optimises what the jobs return must maximise it, and read it from their runs."""
+        direction = config.hydra.sweeper.get("direction")
+        if direction is not None:
+            names = [getattr(d, "name", d) for d in (direction if OmegaConf.is_list(direction) else [direction])]
+            require(names == ["maximize"], "hydra.sweeper.direction", direction,
+                    "maximize: a job returns one number, higher is better (its validation accuracy)")
+        sweeper = config.hydra.sweeper.get("_target_", "?").rsplit(".", 1)[-1]
+        require(track.enabled, "tracking", track.name,
+                f"a tracking store (local or server) with {sweeper}: each job's objective is read from its run")
 
     @staticmethod
     def _claim(folder: Path) -> None:
@@ -182,32 +283,27 @@ class SweepCallback(Callback):
 
 
 def log_frontier(client, parent: str, runs) -> list[str]:
-    """Per method, mean accuracy and FLOPs ratio (dense / effective, or / shrunk where the network was
-    shrunk) as metric series on the parent run whose step is the measured sparsity in per mille: the
-    parent's chart tab draws accuracy against sparsity, one line per method. Returns the methods."""
+    """Per method, mean accuracy and FLOPs ratio (dense / shrunk or effective) as metric series on the
+    parent run whose step is the measured sparsity in per mille: the parent's chart tab draws accuracy
+    against sparsity, one line per method. Never one line over different settings: what differs between
+    the runs (the report's groups) joins the method's name. Returns the series' names."""
     import re
 
     from mlflow.entities import Metric
 
     from pipeline import report
 
-    if runs.empty:
-        return []
-    flops = runs["metrics.eval/flops_shrunk"].fillna(runs["metrics.eval/flops_effective"]) \
-        if "metrics.eval/flops_shrunk" in runs else runs["metrics.eval/flops_effective"]
-    # never one line over different settings: what differs between the runs joins the method's name
-    differing = [c for c in report.setting_columns(runs) if runs[c].nunique(dropna=False) > 1]
-    label = report.method_labels(runs).str.cat([runs[c].astype(str) for c in differing], sep="_")
-    label = label.map(lambda text: re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_"))
-    points = runs.assign(flops_ratio=runs["metrics.eval/flops_dense"] / flops, label=label).groupby(
-        ["label", "params.sparsity.target"])[["metrics.eval/accuracy", "metrics.eval/sparsity", "flops_ratio"]].mean()
+    table, keys = report.table(runs)
+    label = table["method"].str.cat([table[k].astype(str) for k in keys], sep="_")
+    table["label"] = label.map(lambda text: re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_"))
     now = int(time.time() * 1000)
-    metrics = [Metric(f"frontier/{method}/{name}", float(row[column]), now, round(1000 * row["metrics.eval/sparsity"]))
-               for (method, _), row in points.iterrows()
-               for name, column in (("accuracy", "metrics.eval/accuracy"), ("flops_ratio", "flops_ratio"))]
+    metrics = [Metric(f"frontier/{row['label']}/{name}", float(row[column]), now, round(1000 * row["sparsity"]))
+               for _, row in table.iterrows()
+               for name, column in (("accuracy", "acc_finetuned"), ("flops_ratio", "flops_ratio"))
+               if row[column] == row[column]]  # NaN: not logged by these runs
     for i in range(0, len(metrics), 500):
         client.log_batch(parent, metrics=metrics[i: i + 500])
-    return sorted({method for method, _ in points.index})
+    return sorted(set(table["label"]))
 
 
 def describe(config: DictConfig, jobs: int, methods: list[str]) -> str:

@@ -263,6 +263,18 @@ class Run:
             self.client.log_text(self.id, text, name)
             self.checksums[name] = hashlib.sha256(text.encode("utf-8")).hexdigest()
 
+    def dataset(self, data) -> None:
+        """The data set as the run's input (the runs table's Dataset column): name, source, content digest,
+        and the split sizes and class count as its profile."""
+        if not self.client:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        profile = {"train": len(data.y_train), "validation": len(data.y_val), "test": len(data.y_test),
+                   "classes": data.num_classes, "image_shape": list(data.input_shape)}
+        entity = Dataset(data.name, data.digest, "local", json.dumps({"uri": data.source}), profile=json.dumps(profile))
+        self.client.log_inputs(self.id, [DatasetInput(entity, [InputTag("mlflow.data.context", "train")])])
+
     def keras_model(self, model, example) -> None:
         """The model as an MLflow Logged model (Keras flavour, input signature inferred from `example`):
         it can be registered and served from the UI."""

@@ -141,6 +141,21 @@ def one_line_error(fn, *needles):
     return msg
 
 
+@pytest.fixture(autouse=True)
+def no_network(tmp_path, monkeypatch):
+    """A data set that would download asks a closed loopback port, into a Keras cache under tmp_path."""
+    import socket
+
+    from pipeline import data
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv(data.MIRROR_ENV, f"http://127.0.0.1:{port}/")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setattr(data, "SYSTEM_DIRS", {})
+
+
 # --- the formats --------------------------------------------------------------------------------------
 
 def test_mnist_npz_in_the_keras_cache(tmp_path):
@@ -207,7 +222,7 @@ def test_npz_any_file(tmp_path):
     assert sorted(map(bytes, together)) == sorted(map(bytes, x_train))
 
 
-# --- missing files: a one-line DataError naming the path ------------------------------------------------
+# --- missing files: a one-line DataError naming the path (data.download=false; downloads: test_download.py)
 
 FASHION_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                  "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
@@ -215,7 +230,7 @@ CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
 
 def test_missing_mnist_names_the_file(tmp_path):
-    one_line_error(lambda: Mnist(root=str(tmp_path)).load(0), tmp_path / "mnist.npz", "not found")
+    one_line_error(lambda: Mnist(root=str(tmp_path), download=False).load(0), tmp_path / "mnist.npz", "not found")
 
 
 def test_missing_npz_names_the_file(tmp_path):
@@ -226,25 +241,27 @@ def test_missing_npz_names_the_file(tmp_path):
 def test_missing_fashion_file_names_it(tmp_path, name):
     write_fashion(tmp_path)
     (tmp_path / "fashion-mnist" / name).unlink()
-    one_line_error(lambda: FashionMnist(root=str(tmp_path)).load(0), tmp_path / "fashion-mnist" / name)
+    one_line_error(lambda: FashionMnist(root=str(tmp_path), download=False).load(0),
+                   tmp_path / "fashion-mnist" / name, "not found")
 
 
 @pytest.mark.parametrize("name", CIFAR_FILES)
 def test_missing_cifar_file_names_it(tmp_path, name):
     write_cifar(tmp_path)
     (cifar_dir(tmp_path) / name).unlink()
-    one_line_error(lambda: Cifar10(root=str(tmp_path)).load(0), cifar_dir(tmp_path) / name)
+    one_line_error(lambda: Cifar10(root=str(tmp_path), download=False).load(0), cifar_dir(tmp_path) / name)
 
 
 def test_missing_cifar_folder_names_the_expected_path(tmp_path):
-    one_line_error(lambda: Cifar10(root=str(tmp_path)).load(0), cifar_dir(tmp_path) / "data_batch_1")
+    one_line_error(lambda: Cifar10(root=str(tmp_path), download=False).load(0), cifar_dir(tmp_path) / "data_batch_1",
+                   tmp_path / "cifar-10-batches-py-target_archive")
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_missing_svhn_file_names_it(tmp_path, split):
     write_svhn(tmp_path)
     (tmp_path / f"{split}_32x32.mat").unlink()
-    one_line_error(lambda: Svhn(root=str(tmp_path)).load(0), tmp_path / f"{split}_32x32.mat")
+    one_line_error(lambda: Svhn(root=str(tmp_path), download=False).load(0), tmp_path / f"{split}_32x32.mat")
 
 
 # --- malformed files: a one-line DataError -------------------------------------------------------------

@@ -102,3 +102,9 @@ def test_slimming_gives_the_same_result_whether_or_not_it_trained_the_baseline(t
     results = [{k: v for k, v in run.data.metrics.items() if not any(t in k for t in timing)}
                for run in (trained, loaded)]
     assert "eval/accuracy" in results[0] and results[0] == results[1]
+
+
+def test_where_the_data_lies_is_not_what_it_is():
+    npz = ["data=npz", "data.path=/a.npz"]
+    assert job_hash(npz) == job_hash(["data=npz", "data.path=/b.npz"])  # the digest stands for the content
+    assert job_hash(npz) != job_hash(npz, digest="other data")

@@ -6,6 +6,7 @@ import json
 import matplotlib.image
 import pandas as pd
 import pytest
+from mlflow.entities import Metric, Param
 from scipy import stats
 
 from pipeline import report, tracking
@@ -39,12 +40,10 @@ def job(client, exp_id, method="magnitude", target=0.5, seed=0, acc=0.9, code_ve
     identity.pop("mlflow.parentRunId", None)
     tags["config_hash"] = config_hash or hashlib.sha256(repr(sorted(identity.items())).encode()).hexdigest()[:16]
     run_id = client.create_run(exp_id, start_time=start_time, tags=tags).info.run_id
-    for k, v in params.items():
-        client.log_param(run_id, k, v)
     metrics = {"baseline/accuracy": 0.95, "pruned/accuracy": acc - 0.1, "eval/accuracy": acc,
                "eval/sparsity": target, **(metrics or {})}
-    for k, v in metrics.items():
-        client.log_metric(run_id, k, v)
+    client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
+                     params=[Param(k, v) for k, v in params.items()])
     client.set_terminated(run_id, status)
     return run_id
 

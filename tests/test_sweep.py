@@ -118,3 +118,8 @@ def test_the_mlflow_view_needs_no_clicking(sweep):
     info = mlflow.models.get_model_info(f"models:/{output.model_id}")
     assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 8, 8, 1)
     assert "tensorflow" in info.flavors
+    (dataset_input,) = job.inputs.dataset_inputs
+    dataset = dataset_input.dataset
+    assert (dataset.name, dataset.digest) == ("digits", job.data.tags["data_digest"])
+    assert "load_digits" in dataset.source
+    assert json.loads(dataset.profile)["test"] == 360

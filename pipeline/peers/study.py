@@ -31,16 +31,19 @@ STUDY = {
 }
 
 
-def load(csv: str | None, experiment: str | None, uri: str | None) -> pd.DataFrame:
+def load(csv: str | None, experiment: str | None, uri: str | None, model: str) -> pd.DataFrame:
+    """The results table of one model: a results.csv, or the runs of an experiment."""
     if csv:
-        return pd.read_csv(csv)
+        table = pd.read_csv(csv)
+        return table[table["model.name"] == model] if "model.name" in table else table
     from pipeline import report, tracking
 
     client = tracking.client(tracking.resolve_uri(uri))
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise SystemExit(f"error: no experiment named {experiment!r} in {client.tracking_uri}")
-    return report.table(report.runs_frame(client, None, [exp.experiment_id]))
+    runs = report.runs_frame(client, None, [exp.experiment_id])
+    return report.table(runs[runs["params.model.name"] == model] if not runs.empty else runs)[0]
 
 
 def loss(part: pd.DataFrame) -> pd.Series:
@@ -203,9 +206,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="seed_cnn")
     ap.add_argument("--out", default="benchmarks/study.md")
     args = ap.parse_args(argv)
-    seed = load(args.seed_csv, args.seed_experiment, args.seed_uri)
-    default = load(args.default_csv, args.default_experiment, args.default_uri)
-    seed, default = (d[d["model"] == args.model] if "model" in d else d for d in (seed, default))
+    seed = load(args.seed_csv, args.seed_experiment, args.seed_uri, args.model)
+    default = load(args.default_csv, args.default_experiment, args.default_uri, args.model)
     if seed.empty or default.empty:
         print("error: no finished runs in one of the two sweeps", file=sys.stderr)
         return 2

@@ -45,23 +45,26 @@ class EpochSeconds(keras.callbacks.Callback):
 
 
 class Progress(keras.callbacks.Callback):
-    """One log line per epoch (stage, epoch i/N, loss, accuracy, val_accuracy, seconds), from the epoch at
-    which the phase is expected to take more than `after_s` seconds: the time so far plus, from the second
-    epoch on (the first one traces the graph), this epoch's time for each epoch left. So the last epoch of
-    a long phase is always logged, and short phases (tests, tiny sweeps) stay quiet."""
+    """One log line per epoch (stage, epoch i/N, loss, accuracy, val_accuracy, seconds) in a phase whose
+    epochs after the first (which traces the graph, slow on a busy machine) are expected to take more than
+    `after_s` seconds: judged at the end of each epoch from the second on, as their time so far plus this
+    epoch's time for each epoch left. Once loud, every epoch is logged, the last one included; short
+    phases (tests, tiny sweeps) and single-epoch phases stay quiet."""
 
     def __init__(self, stage: str, after_s: float):
         super().__init__()
         self.stage, self.after_s, self.loud = stage, after_s, False
 
     def on_train_begin(self, logs=None):
-        self.start = self.last = time.perf_counter()
+        self.last = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         now, done, total = time.perf_counter(), epoch + 1, self.params["epochs"]
         seconds, self.last = now - self.last, now
-        left = (total - done) * seconds if done > 1 else 0.0  # the first epoch's time includes tracing
-        self.loud = self.loud or now - self.start + left > self.after_s
+        if done == 1:
+            self.first_end = now
+            return
+        self.loud = self.loud or now - self.first_end + (total - done) * seconds > self.after_s
         if self.loud:
             values = [(logs or {}).get(k, math.nan) for k in ("loss", "accuracy", "val_accuracy")]
             log.info("%s epoch %d/%d: loss %.4f, accuracy %.4f, val_accuracy %.4f, %.1fs", self.stage, done, total,
