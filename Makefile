@@ -14,7 +14,7 @@ PYTHON_EXE := $(word 1,$(PYTHON_INFO))
 PYTHON_VERSION := $(word 2,$(PYTHON_INFO))
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev
+EXTRAS ?= dev,optuna
 comma := ,
 # pip constraints: the exact versions of everything installed (`make lock` writes them)
 LOCK := requirements.lock

@@ -45,6 +45,9 @@ class Phase:
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 0.0
+    schedule: str = "constant"  # the lr over the phase: constant, cosine (to 0 at the end), step (/10 at 50%, 75%)
+
+    SCHEDULES = ("constant", "cosine", "step")
 
     def check(self, key: str) -> None:
         require(self.epochs > 0, f"{key}.epochs", self.epochs, "an integer > 0")
@@ -53,6 +56,7 @@ class Phase:
         require(self.lr > 0, f"{key}.lr", self.lr, "a number > 0")
         require(0 <= self.momentum < 1, f"{key}.momentum", self.momentum, "a number in [0, 1)")
         require(self.weight_decay >= 0, f"{key}.weight_decay", self.weight_decay, "a number >= 0")
+        require(self.schedule in self.SCHEDULES, f"{key}.schedule", self.schedule, ", ".join(self.SCHEDULES))
 
 
 @dataclass

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import pickle
+import re
 import shutil
 import tarfile
 import tempfile
@@ -39,6 +40,7 @@ KERAS_TMP = Path("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir())  # 
 MIRROR_ENV = "PIPELINE_DATA_MIRROR"  # a base URL serving every file under its own name, e.g. a local mirror
 TIMEOUT_S = 60  # per connection and per read: a stalled download fails instead of hanging
 CHUNK = 1 << 20
+AUGMENT_PAD = 4  # data.augment: random crops of the image zero-padded by this many pixels
 
 
 class DataError(ConfigError):
@@ -58,6 +60,11 @@ class Dataset:
     warnings: list[str] = field(default_factory=list)  # legitimate but notable, e.g. a class absent from val
     source: str = ""  # where it was read from (a path, or what produced it)
     name: str = ""
+    class_names: list[str] = field(default_factory=list)  # label i's name, where the source names classes
+    seed: int = 0  # the job's seed: it split off validation, and shuffles and augments training
+    crop: int = 0  # augmentation in training only: a random crop of the image zero-padded by this many pixels
+    flip: bool = False  # ... and a random left-right flip
+    normalization: dict[str, list[float]] = field(default_factory=dict)  # per channel mean and std, if applied
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -71,6 +78,10 @@ class DataSource:
     name: str = "digits"
     val_fraction: float = 0.15
     limit: int | None = None  # keep only the first N training examples (quick looks)
+    normalize: bool = False  # per channel (x - mean) / std, both from the training split, on every split
+    augment: bool = False  # training only: random crop (4-pixel padding) and, where flips() allows, left-right flip
+
+    flips: ClassVar[bool] = True  # a mirrored image still shows its class (False for digits)
 
     def __post_init__(self):
         require(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "a number in (0, 1)")
@@ -83,6 +94,14 @@ class DataSource:
     def source(self) -> str:
         """Where the arrays come from (after arrays(): a path, or what produced them)."""
         return f"{type(self).__module__}.{type(self).__qualname__}"
+
+    def class_names(self) -> list[str]:
+        """After arrays(): the name of each class 0..K-1, where the source names them."""
+        return []
+
+    def read_warnings(self) -> list[str]:
+        """After arrays(): what reading them noted (e.g. files skipped)."""
+        return []
 
     def load(self, seed: int) -> Dataset:
         x_train, y_train, x_test, y_test = self.arrays(seed)
@@ -104,9 +123,15 @@ class DataSource:
         if x_test.max() > 1.0:
             warnings.append(f"{self.name}: test images reach {x_test.max():.4g} after division by {scale:g}, "
                             "the scale that brings the training images within 1")
-        return Dataset(x_train[train], y_train[train], x_train[val], y_train[val], x_test, y_test, num_classes,
-                       digest=_digest(x_train, y_train, x_test, y_test), warnings=warnings, source=self.source(),
-                       name=self.name)
+        digest = _digest(x_train, y_train, x_test, y_test)
+        fitted, x_val = x_train[train], x_train[val]
+        stats = _channel_stats(fitted) if self.normalize else {}
+        for x in (fitted, x_val, x_test) if stats else ():
+            _standardize(x, stats)
+        return Dataset(fitted, y_train[train], x_val, y_train[val], x_test, y_test, num_classes, digest=digest,
+                       warnings=self.read_warnings() + warnings, source=self.source(), name=self.name,
+                       class_names=self.class_names(), seed=seed, crop=AUGMENT_PAD if self.augment else 0,
+                       flip=self.augment and self.flips, normalization=stats)
 
     def _split(self, y: np.ndarray, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Indices of the training and validation examples, by the seed; every class keeps a training one."""
@@ -186,6 +211,20 @@ def _classes(y_train: np.ndarray, y_test: np.ndarray, dataset: str) -> int:
     return k
 
 
+def _channel_stats(x: np.ndarray) -> dict[str, list[float]]:
+    """Per channel mean and std of x (float64 sums: the same data, the same numbers); a constant channel
+    keeps std 1."""
+    mean = x.mean(axis=(0, 1, 2), dtype=np.float64)
+    std = x.std(axis=(0, 1, 2), dtype=np.float64)
+    return {"mean": mean.tolist(), "std": np.where(std > 0, std, 1.0).tolist()}
+
+
+def _standardize(x: np.ndarray, stats: dict[str, list[float]]) -> None:
+    """(x - mean) / std per channel, in place."""
+    x -= np.asarray(stats["mean"], np.float32)
+    x /= np.asarray(stats["std"], np.float32)
+
+
 def _absent(num_classes: int, y: np.ndarray) -> list[int]:
     return np.setdiff1d(np.arange(num_classes), y).tolist()
 
@@ -234,6 +273,7 @@ class Digits(DataSource):
 
     name: str = "digits"
     test_fraction: float = 0.2
+    flips: ClassVar[bool] = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -268,6 +308,127 @@ class Npz(DataSource):
         path = Path(os.path.expanduser(self.path))
         return _load_npz(_require_file(path, self.name, "set data.path to an .npz with x_train, y_train, "
                                        "x_test, y_test"), self.name)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")  # what tf.io.decode_image reads
+
+
+@dataclass
+class Folder(DataSource):
+    """Your own images: data.path holds one folder per class (names sorted -> classes 0..K-1), either inside
+    train/ and test/, or as one tree split per file (a hash of its path below data.path, not the seed: every
+    seed scores the same test images) with data.test_fraction to test. Each image is decoded by TensorFlow to
+    data.channels (1 or 3) and resized to data.image_size, one file at a time into the arrays the pipeline
+    uses: the images must fit in memory as float32 (data larger than memory is not supported yet). An
+    unreadable image is one DataError naming it, or, with data.skip_bad=true, skipped and counted in a
+    warning. Files with other suffixes and hidden files are ignored."""
+
+    name: str = "folder"
+    path: str = "???"
+    image_size: list[int] = field(default_factory=lambda: [32, 32])  # height, width
+    channels: int = 3
+    test_fraction: float = 0.2
+    skip_bad: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(len(self.image_size) == 2 and min(self.image_size) > 0, "image_size", self.image_size,
+                "[height, width], both > 0")
+        require(self.channels in (1, 3), "channels", self.channels, "1 (grey) or 3 (RGB)")
+        require(0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "a number in (0, 1)")
+        self._names, self._skipped, self._total = [], [], 0
+
+    def root(self) -> Path:
+        return Path(os.path.expanduser(self.path)).resolve()
+
+    def source(self):
+        return str(self.root())
+
+    def class_names(self):
+        return self._names
+
+    def read_warnings(self):
+        if not self._skipped:
+            return []
+        return [f"{self.name}: skipped {len(self._skipped)} of {self._total} image(s) that cannot be decoded "
+                f"(data.skip_bad=true): {', '.join(map(str, self._skipped[:3]))}{', ...' * (len(self._skipped) > 3)}"]
+
+    def arrays(self, seed):
+        root = self.root()
+        if not root.is_dir():
+            raise DataError(f"{self.name}: not a folder: {root} (set data.path to a folder of one subfolder per "
+                            "class, or with train/ and test/ holding those)")
+        train, test = self._files(root)
+        self._names = sorted({c for c, _ in train})
+        unknown = sorted({c for c, _ in test} - set(self._names))
+        if unknown:
+            raise DataError(f"{self.name}: test class folder(s) {', '.join(unknown)} have no training images "
+                            f"(training classes: {', '.join(self._names)})")
+        self._skipped, self._total = [], len(train) + len(test)
+        return (*self._decoded(train), *self._decoded(test))
+
+    def _files(self, root: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
+        """(class name, file) of the training and the test images."""
+        halves = [root / "train", root / "test"]
+        if any(h.is_dir() for h in halves):
+            missing = [h for h in halves if not h.is_dir()]
+            if missing:
+                raise DataError(f"{self.name}: {root} has {'test' if missing[0].name == 'train' else 'train'}/ "
+                                f"but no {missing[0].name}/ (give both, or one folder per class to be split)")
+            return self._images(halves[0]), self._images(halves[1])
+        files = self._images(root)
+        cut = [_unit_hash(p.relative_to(root).as_posix()) < self.test_fraction for _, p in files]
+        return [f for f, t in zip(files, cut) if not t], [f for f, t in zip(files, cut) if t]
+
+    def _images(self, tree: Path) -> list[tuple[str, Path]]:
+        classes = sorted(d for d in tree.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not classes:
+            raise DataError(f"{self.name}: {tree} has no class folders (one subfolder of images per class)")
+        out = []
+        for folder in classes:
+            files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(tree).parts))
+            if not files:
+                raise DataError(f"{self.name}: class folder {folder} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+            out += [(folder.name, p) for p in files]
+        return out
+
+    def _decoded(self, files: list[tuple[str, Path]]) -> tuple[np.ndarray, np.ndarray]:
+        """The images as uint8 (N, H, W, C) and their labels, decoded one file at a time."""
+        x = np.empty((len(files), *self.image_size, self.channels), np.uint8)
+        y = np.empty(len(files), np.int32)
+        index, n = {c: i for i, c in enumerate(self._names)}, 0
+        for name, path in files:
+            try:
+                x[n] = _decode_image(path, self.image_size, self.channels)
+            except Exception as e:
+                if not self.skip_bad:
+                    raise DataError(f"{self.name}: cannot decode {path} as an image ({_tf_reason(e)}): remove "
+                                    "or replace it, or set data.skip_bad=true to skip such files") from None
+                self._skipped.append(path)
+                continue
+            y[n], n = index[name], n + 1
+        return x[:n], y[:n]
+
+
+def _tf_reason(e: Exception) -> str:
+    """A TensorFlow error's message without its op decorations, at most 200 characters."""
+    return re.sub(r"\{\{[^}]*\}\}|\[Op:\w+\]", "", _reason(e)).strip()[:200]
+
+
+def _unit_hash(text: str) -> float:
+    """A number in [0, 1) fixed by text."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16) / 16**15
+
+
+def _decode_image(path: Path, size: list[int], channels: int) -> np.ndarray:
+    """One image file as uint8 (H, W, C), resized (antialiased) when its size differs."""
+    import tensorflow as tf
+
+    image = tf.io.decode_image(path.read_bytes(), channels=channels, dtype=tf.uint8, expand_animations=False)
+    if tuple(image.shape[:2]) != tuple(size):
+        image = tf.round(tf.clip_by_value(tf.image.resize(image, size, antialias=True), 0, 255))
+    return image.numpy()
 
 
 # --- standard data sets: found where keras.datasets keeps them, in a system copy, or downloaded -----------
@@ -469,6 +630,7 @@ class Mnist(Standard):
 
     name: str = "mnist"
     files: ClassVar[tuple[str, ...]] = ("mnist.npz",)
+    flips: ClassVar[bool] = False
 
     def arrays(self, seed):
         return _load_npz(self.paths()[0], self.name)
@@ -567,6 +729,7 @@ class Svhn(Standard):
     name: str = "svhn"
     files: ClassVar[tuple[str, ...]] = ("train_32x32.mat", "test_32x32.mat")
     in_cache: ClassVar[str] = "svhn"
+    flips: ClassVar[bool] = False
 
     def arrays(self, seed):
         from scipy.io import loadmat

@@ -140,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
                                       "sqlite:///<repo>/mlruns/mlflow.db)")
     parser.add_argument("--experiment", default="pruning", help="experiment name (default: pruning)")
     parser.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
+    parser.add_argument("--serve-only", action="store_true", help=argparse.SUPPRESS)  # see below
     args = parser.parse_args(argv)
+    if args.serve_only:
+        return serve(server_command(args.uri, args.port), {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
 
     uri = tracking.resolve_uri(args.uri)
     remote = uri.startswith(("http://", "https://"))
@@ -177,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{uri} is a tracking server: its UI is already served there")
         return 0
     print(f"serving {uri} on {base} (Ctrl-C stops it)", flush=True)
-    return serve(server_command(uri, args.port), {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    sys.stderr.flush()
+    # This process holds MLflow's client (about 200 MB): a fresh one, without it, watches the server.
+    command = [sys.executable, "-m", "pipeline.ui", "--serve-only", "--uri", uri, "--port", str(args.port)]
+    os.execv(command[0], command)
+    return 0  # not reached
 
 
 def serve(command: list[str], env: dict[str, str], grace: float = 20.0) -> int:

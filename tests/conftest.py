@@ -45,3 +45,16 @@ def digits():
     from pipeline.data import Digits
 
     return Digits().load(0)
+
+
+def one_line_error(fn, *needles) -> str:
+    """fn() raises a one-line DataError naming every needle; its message."""
+    from pipeline.data import DataError
+
+    with pytest.raises(DataError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    for needle in needles:
+        assert str(needle) in msg, msg
+    return msg

@@ -16,7 +16,7 @@ def test_every_option_composes_and_validates(group):
     options = sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
     assert options
     for option in options:
-        overrides = [f"{group}={option}"] + (["data.path=/x.npz"] if option == "npz" else [])
+        overrides = [f"{group}={option}"] + ([f"data.path=/x.{option}"] if option in ("npz", "folder") else [])
         cfg = compose_config(overrides)
         parts = validate(cfg)
         assert parts[group].name == option

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import run_pipeline
+from conftest import one_line_error, run_pipeline
 
 from pipeline.data import Cifar10, DataError, Digits, FashionMnist, Mnist, Npz, Svhn
 
@@ -129,16 +129,6 @@ def check_split_is_by_seed(source, x_train_stored):
     together = np.concatenate([a.x_train, a.x_val]).reshape(len(x_train_stored), -1)
     stored = (x_train_stored.reshape(len(x_train_stored), -1) / 255.0).astype(np.float32)
     assert sorted(map(bytes, together)) == sorted(map(bytes, stored))
-
-
-def one_line_error(fn, *needles):
-    with pytest.raises(DataError) as e:
-        fn()
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    for needle in needles:
-        assert str(needle) in msg, msg
-    return msg
 
 
 @pytest.fixture(autouse=True)

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import test_data as formats
-from conftest import REPO, run_pipeline
+from conftest import REPO, one_line_error, run_pipeline
 
 from pipeline import data
-from pipeline.data import Cifar10, Cifar100, DataError, FashionMnist, Mnist, Svhn
+from pipeline.data import Cifar10, Cifar100, FashionMnist, Mnist, Svhn
 
 
 class Server:
@@ -167,16 +167,6 @@ def left_behind(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.suffix != ".lock")
 
 
-def one_line(fn, *needles) -> str:
-    with pytest.raises(DataError) as e:
-        fn()
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    for needle in needles:
-        assert str(needle) in msg, msg
-    return msg
-
-
 # --- first use downloads, second use does not ---------------------------------------------------------
 
 @pytest.mark.parametrize("name", SETS)
@@ -219,7 +209,7 @@ def test_an_archive_placed_by_hand_is_verified_and_extracted_offline(tmp_path, m
     archive = keras_home / "datasets" / "cifar-10-batches-py-target_archive"
     archive.parent.mkdir(parents=True)
     archive.write_bytes(files["cifar-10-python.tar.gz"] + b"junk")
-    one_line(lambda: Cifar10(download=False).load(0), archive, "does not match", "delete it")
+    one_line_error(lambda: Cifar10(download=False).load(0), archive, "does not match", "delete it")
     archive.write_bytes(files["cifar-10-python.tar.gz"])
     assert Cifar10(download=False).load(0).input_shape == (32, 32, 3)
 
@@ -233,7 +223,7 @@ def test_a_download_that_fails_its_checksum_is_one_line_and_leaves_no_file(tmp_p
     files, _ = make(tmp_path)
     publish(monkeypatch, server, name, files, corrupt=True)
     (url,) = (server.url + f for f in files)
-    msg = one_line(lambda: cls().load(0), url, keras_home / "datasets" / kept[0], "does not match")
+    msg = one_line_error(lambda: cls().load(0), url, keras_home / "datasets" / kept[0], "does not match")
     assert "nothing was kept" in msg
     assert left_behind(keras_home) == []
     assert [p.name for p in (keras_home / "datasets").iterdir() if not p.name.endswith(".lock")] == []
@@ -242,7 +232,7 @@ def test_a_download_that_fails_its_checksum_is_one_line_and_leaves_no_file(tmp_p
 def test_http_error_is_one_line(tmp_path, monkeypatch, server, keras_home):
     files, _ = mnist_files(tmp_path)
     publish(monkeypatch, None, "mnist", files)  # checksums known, nothing served
-    one_line(lambda: Mnist().load(0), server.url + "mnist.npz", "HTTP 404", keras_home / "datasets" / "mnist.npz")
+    one_line_error(lambda: Mnist().load(0), server.url + "mnist.npz", "HTTP 404", keras_home / "datasets" / "mnist.npz")
     assert left_behind(keras_home) == []
 
 
@@ -250,7 +240,7 @@ def test_download_false_never_connects_and_says_where_the_file_goes(tmp_path, mo
     files, _ = fashion_files(tmp_path)
     publish(monkeypatch, server, "fashion_mnist", files)
     target = keras_home / "datasets" / "fashion-mnist" / "train-labels-idx1-ubyte.gz"
-    one_line(lambda: FashionMnist(download=False).load(0), "file not found", target,
+    one_line_error(lambda: FashionMnist(download=False).load(0), "file not found", target,
              server.url + "train-labels-idx1-ubyte.gz", "data.download=true")
     assert not server.hits
 
@@ -316,7 +306,7 @@ def test_a_system_copy_is_used_offline_after_the_cache(tmp_path, monkeypatch, ke
     np.testing.assert_array_equal(FashionMnist().load(0).y_test, shifted)
     np.testing.assert_array_equal(FashionMnist(root=str(tmp_path / "empty")).load(0).y_test, stored["t10k"][1])
     (system / "fashion-mnist" / "train-images-idx3-ubyte.gz").unlink()  # an incomplete copy is not used
-    one_line(lambda: FashionMnist(root=str(tmp_path / "empty"), download=False).load(0),
+    one_line_error(lambda: FashionMnist(root=str(tmp_path / "empty"), download=False).load(0),
              tmp_path / "empty" / "fashion-mnist" / "train-labels-idx1-ubyte.gz", f"nor in {system / 'fashion-mnist'}")
 
 
@@ -402,5 +392,5 @@ def test_pickled_cifar_batches_stay_refused_after_download(tmp_path, monkeypatch
     members = {f"data_batch_{i}": pickle.dumps(batch, protocol=3) for i in range(1, 6)}
     members["test_batch"] = formats.cifar_bytes(formats.cifar_batch(formats.N_TEST, 99))
     publish(monkeypatch, server, "cifar10", {"cifar-10-python.tar.gz": tarball("cifar-10-batches-py", members)})
-    one_line(lambda: Cifar10().load(0), "refusing to load")
+    one_line_error(lambda: Cifar10().load(0), "refusing to load")
     assert not (tmp_path / "PWNED").exists()

@@ -97,9 +97,9 @@ def served(store):
 
 @pytest.fixture(scope="module")
 def browser(served):
-    from playwright.sync_api import sync_playwright
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the dev extra)")
 
-    with sync_playwright() as pw:
+    with sync_api.sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
             str(served["dir"] / "chromium-profile"), executable_path=str(CHROMIUM), headless=True, args=FLAGS,
             viewport={"width": 1600, "height": 1000})
@@ -166,9 +166,10 @@ def test_runs_page_lists_the_jobs_with_their_metrics(served, browser):
     table = page.inner_text(".ag-root-wrapper")
     assert "sweep-" not in table and "baseline-" not in table  # the jobs only
     assert "4 matching runs" in page.inner_text("body")
-    header = page.locator(f'.ag-header-cell[col-id="{ACCURACY}"]')
-    box, width = header.bounding_box(), page.viewport_size["width"]
-    assert box and box["x"] + box["width"] <= width, "the eval/accuracy column is out of view"
+    box = page.locator(f'.ag-header-cell[col-id="{ACCURACY}"]').bounding_box()
+    view = page.locator(".ag-header-viewport").bounding_box()  # the scrolled part of the table, as shown
+    assert box and view and view["x"] <= box["x"] and box["x"] + box["width"] <= view["x"] + view["width"], \
+        "the eval/accuracy column is out of view"
     shown = {}
     for name in JOBS:
         row = page.locator(".ag-pinned-left-cols-container .ag-row", has_text=name).get_attribute("row-index")
@@ -209,3 +210,25 @@ def test_ctrl_c_stops_the_server(served):
     assert time.monotonic() - started < 30 and code in (0, -signal.SIGINT, 130), (code, log[-2000:])
     assert not answers(f"http://127.0.0.1:{port}/health")
     assert "Traceback" not in log
+
+
+def test_the_runs_view_is_saved_once(served):
+    """The view the runs link opens is an experiment tag that `make ui` wrote: another `make ui` leaves it
+    as it is, removes an older version of it and keeps the user's own views."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import ui as pipeline_ui
+
+    uri, prefix = f"sqlite:///{served['dir']}/mlflow.db", "mlflow.sharedViewState."
+    client, exp = MlflowClient(uri), experiment_id(served["dir"])
+    view = re.search(r"viewStateShareKey=([\w-]+)", served["runs"]).group(1)
+    saved = client.get_experiment(exp).tags[prefix + view]
+    client.set_experiment_tag(exp, f"{prefix}pipeline-jobs-00000000", saved)  # as an older `make ui` left it
+    client.set_experiment_tag(exp, f"{prefix}mine", saved)
+    assert pipeline_ui.save_view(client, exp, uri) == view
+    tags = client.get_experiment(exp).tags
+    assert sorted(k for k in tags if k.startswith(prefix)) == [f"{prefix}mine", prefix + view]
+    assert tags[prefix + view] == saved
+    assert pipeline_ui.runs_link("http://h:1", exp, None) == (  # no view: the filter and the order only
+        f"http://h:1/#/experiments/{exp}/runs?workflowType=machine_learning&searchFilter=tags.method%20IS%20NOT%20NULL"
+        "&orderByKey=metrics.%60eval%2Faccuracy%60&orderByAsc=false")

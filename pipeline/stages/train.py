@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import zlib
 
 import keras
 import numpy as np
@@ -71,19 +72,68 @@ class Progress(keras.callbacks.Callback):
                      *values, seconds)
 
 
-def compile_model(model, phase: Phase) -> None:
+def learning_rate(phase: Phase, total_steps: int):
+    """phase.lr as phase.schedule shapes it over the phase's total_steps (optimizer steps)."""
+    if phase.schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(phase.lr, decay_steps=max(1, total_steps))
+    if phase.schedule == "step":  # steps 0..b0 at values[0], b0+1..b1 at values[1], then values[2]
+        first = max(1, total_steps // 2) - 1
+        boundaries = [first, max(first + 1, total_steps * 3 // 4 - 1)]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, [phase.lr, phase.lr / 10, phase.lr / 100])
+    return phase.lr
+
+
+def compile_model(model, phase: Phase, total_steps: int = 0) -> None:
+    """Compile for the phase; a schedule other than constant needs the phase's total_steps."""
+    lr = learning_rate(phase, total_steps)
     if phase.optimizer == "sgd":
-        opt = keras.optimizers.SGD(phase.lr, momentum=phase.momentum, weight_decay=phase.weight_decay or None)
+        opt = keras.optimizers.SGD(lr, momentum=phase.momentum, weight_decay=phase.weight_decay or None)
     else:
-        opt = keras.optimizers.Adam(phase.lr, weight_decay=phase.weight_decay or None)
+        opt = keras.optimizers.Adam(lr, weight_decay=phase.weight_decay or None)
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
 
+def _augmented(x, noise, crop: int, flip: bool):
+    """One training image, randomly cropped from its copy zero-padded by `crop` pixels and flipped left-right
+    when `flip`; stateless ops seeded by the example's `noise`, so a fixed seed gives the same batches."""
+    import tensorflow as tf
+
+    if crop:
+        padded = tf.pad(x, [[crop, crop], [crop, crop], [0, 0]])
+        x = tf.image.stateless_random_crop(padded, tf.shape(x), seed=tf.stack([noise, 0]))
+    if flip:
+        x = tf.image.stateless_random_flip_left_right(x, seed=tf.stack([noise, 1]))
+    return x
+
+
+def training_batches(data, batch_size: int, seed: int):
+    """The training split as a tf.data pipeline: shuffled anew each epoch (seeded), augmented as the data says
+    (its crop and flip, when it has them), batched and prefetched. The arrays are copied into it once."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((data.x_train, data.y_train))
+    ds = ds.shuffle(len(data.x_train), seed=seed, reshuffle_each_iteration=True)
+    crop, flip = getattr(data, "crop", 0), getattr(data, "flip", False)
+    if crop or flip:
+        noise = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        ds = tf.data.Dataset.zip(ds, noise).map(lambda xy, r: (_augmented(xy[0], r, crop, flip), xy[1]),
+                                                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def validation_batches(data, batch_size: int):
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices((data.x_val, data.y_val)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
 def fit(model, data, phase: Phase, stage: str, callbacks=()) -> dict[str, list[float]]:
-    """Compile and fit for phase.epochs on the training split, validating on the validation split."""
-    compile_model(model, phase)
-    history = model.fit(data.x_train, data.y_train, batch_size=phase.batch_size, epochs=phase.epochs,
-                        validation_data=(data.x_val, data.y_val), shuffle=True, verbose=0,
+    """Compile and fit for phase.epochs on the training split (a seeded tf.data pipeline: the same data.seed,
+    the same batches), validating on the validation split."""
+    compile_model(model, phase, steps_per_epoch(data, phase) * phase.epochs)
+    seed = (getattr(data, "seed", 0) + zlib.crc32(stage.encode())) % 2**31  # each stage its own order
+    history = model.fit(training_batches(data, phase.batch_size, seed), epochs=phase.epochs,
+                        validation_data=validation_batches(data, phase.batch_size), shuffle=False, verbose=0,
                         callbacks=[StopOnNonFinite(stage), EpochSeconds(), Progress(stage, PROGRESS_AFTER_S),
                                    *callbacks])
     return {k: [float(v) for v in vals] for k, vals in history.history.items()}
