@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_URI = f"sqlite:///{REPO / 'mlruns' / 'mlflow.db'}"
 PARENT_ENV = "PIPELINE_PARENT_RUN_ID"
 CHECKSUMS_TAG = "artifacts.sha256"
+LOGGED_MODEL = "masked_model"  # the final model as an MLflow Logged model (Keras flavour)
 EXPERIMENT_NOTE = (
     "Pruning jobs of `python -m pipeline.run`: one run per job, named `<method>-<target>`, with its "
     "accuracy (`eval/accuracy`), sparsity over every denominator (`eval/*sparsity`), FLOPs and latency, "
@@ -100,15 +101,17 @@ def client(uri: str):
     """An MlflowClient whose store exists. A fresh sqlite database is created (tables and migrations)
     under a file lock beside it: MLflow's SqlAlchemyStore creates its tables unguarded, and two processes
     doing so at the same moment corrupt the database (e.g. two sweeps started together on a new store).
-    An existing database is opened without the lock, so a read-only store can still be read.
+    A store this process cannot write is opened without the lock, so a read-only store can still be read.
     A store that is not an MLflow database raises ConfigError (one line)."""
+    import mlflow
     from mlflow.tracking import MlflowClient
 
+    mlflow.set_tracking_uri(uri)  # MLflow's own helpers (e.g. Logged models) would else open ./mlflow.db
     db = sqlite_path(uri)
     if db is None:
         return MlflowClient(tracking_uri=uri)
     try:
-        if db.exists():
+        if db.exists() and not writable(uri):  # read-only: nothing to create, and no lock file can be made
             return _opened(MlflowClient(tracking_uri=uri))
         from filelock import FileLock
 
@@ -272,6 +275,8 @@ class Run:
 
         profile = {"train": len(data.y_train), "validation": len(data.y_val), "test": len(data.y_test),
                    "classes": data.num_classes, "image_shape": list(data.input_shape)}
+        if data.class_names:
+            profile["class_names"] = list(data.class_names)
         entity = Dataset(data.name, data.digest, "local", json.dumps({"uri": data.source}), profile=json.dumps(profile))
         self.client.log_inputs(self.id, [DatasetInput(entity, [InputTag("mlflow.data.context", "train")])])
 
@@ -290,7 +295,8 @@ class Run:
         mlflow.set_tracking_uri(self.client.tracking_uri)
         mlflow.set_experiment(experiment_id=self.exp_id)  # where the fluent API creates the Logged model
         signature = infer_signature(example, np.asarray(model(example, training=False)))
-        mlflow.tensorflow.log_model(model, name="model", signature=signature, run_id=self.id,
+        # not named "model": MLflow 3 would then read the run's artifacts under model/ from the Logged model
+        mlflow.tensorflow.log_model(model, name=LOGGED_MODEL, signature=signature, run_id=self.id,
                                     pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
 
 
