@@ -292,8 +292,7 @@ class Run:
         import tensorflow as tf
         from mlflow.models import infer_signature
 
-        mlflow.set_tracking_uri(self.client.tracking_uri)
-        mlflow.set_experiment(experiment_id=self.exp_id)  # where the fluent API creates the Logged model
+        mlflow.set_experiment(experiment_id=self.exp_id)  # where the fluent API creates it (store: tracking.client)
         signature = infer_signature(example, np.asarray(model(example, training=False)))
         # not named "model": MLflow 3 would then read the run's artifacts under model/ from the Logged model
         mlflow.tensorflow.log_model(model, name=LOGGED_MODEL, signature=signature, run_id=self.id,

@@ -90,7 +90,9 @@ def checksum_problems(recorded: dict[str, str] | None, files: dict[str, Path | N
 
 def mask_problems(model, masks: dict[str, np.ndarray]) -> list[str]:
     """Every weight whose mask is False must be exactly zero."""
-    variables = {v.path: v for v in model.weights}
+    from pipeline.pruning.masks import variables_by_path
+
+    variables = variables_by_path(model)
     problems = []
     for path, mask in sorted(masks.items()):
         if path not in variables:
