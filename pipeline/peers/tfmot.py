@@ -3,12 +3,14 @@
 Run with the peer venv only (tf_keras + tensorflow-model-optimization; `make bench` creates it):
 
     .venv-peers/bin/python -m pipeline.peers.tfmot --out benchmarks/peer.json [--seeds 0 --targets 0.5]
+        [--data fashion_mnist --data-limit 4000 --test-limit 2000]
 
 TF-MOT works only with tf_keras (Keras 2) and switches the process to it on import, so this module
 imports nothing of the pipeline that imports Keras 3: only pipeline.data (numpy, scikit-learn) and
 pipeline.peers.common. The models are rebuilt here in tf_keras with the layers of pipeline/models.py
 (sizes read from conf/model/*.yaml); budgets come from conf/training/default.yaml and the ramp of the
-gradual schedule from conf/sparsity/gradual.yaml.
+gradual schedule from conf/sparsity/gradual.yaml. --data names conf/data/<name>.yaml (digits by default);
+--data-limit keeps the first N training examples (data.limit), --test-limit the first N test examples.
 
 Per model and seed: one dense baseline, then from it (a) a dense fine-tune (the step-time reference in
 this process), (b) one_shot = ConstantSparsity(target, begin_step=0), (c) gradual =
@@ -23,14 +25,42 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ["TF_USE_LEGACY_KERAS"] = "1"  # tf.keras -> tf_keras, as TF-MOT expects
 
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from pipeline.data import Digits  # noqa: E402
+from pipeline import data as datasets  # noqa: E402
 from pipeline.peers import common  # noqa: E402
+
+
+def data_options() -> argparse.Namespace:
+    """--data, --data-limit, --test-limit, taken out of sys.argv before common.parse reads the rest."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--data", default="digits", help="conf/data/<name>.yaml")
+    p.add_argument("--data-limit", type=int, default=None, help="data.limit: the first N training examples")
+    p.add_argument("--test-limit", type=int, default=None, help="score on the first N test examples")
+    options, sys.argv[1:] = p.parse_known_args()
+    return options
+
+
+def data_source(options: argparse.Namespace) -> datasets.DataSource:
+    """The pipeline's data class named by conf/data/<name>.yaml's _target_, with its options."""
+    node = common.conf("data", options.data)
+    cls = getattr(datasets, node.pop("_target_").rsplit(".", 1)[1])
+    if options.data_limit:
+        node["limit"] = options.data_limit
+    return cls(**node)
+
+
+def load(source: datasets.DataSource, seed: int, test_limit: int | None) -> datasets.Dataset:
+    data = source.load(seed)
+    if test_limit:
+        data = dataclasses.replace(data, x_test=data.x_test[:test_limit], y_test=data.y_test[:test_limit])
+    return data
 
 
 def build(name: str, input_shape, num_classes: int, keras):
@@ -97,6 +127,7 @@ def gzip_size(model) -> int:
 
 
 def main() -> None:
+    options = data_options()
     args = common.parse(__doc__.splitlines()[0], "benchmarks/peer.json")
     import tensorflow as tf
     import tensorflow_model_optimization as tfmot
@@ -105,17 +136,18 @@ def main() -> None:
     sp = tfmot.sparsity.keras
     base_phase, ft_phase = common.phases(args)
     ramp = common.gradual()
-    data_conf = {k: v for k, v in common.conf("data", "digits").items() if k not in ("_target_", "name")}
+    source = data_source(options)
     Timer = common.make_step_timer(keras.callbacks.Callback)
     tf.config.experimental.enable_op_determinism()
     meta = common.environment(peer="tensorflow-model-optimization", tfmot=tfmot.__version__,
                               tf_keras=keras.__version__, tensorflow=tf.__version__, baseline=base_phase,
                               finetune=ft_phase, gradual=ramp, argv=sys.argv[1:], complete=False,
+                              data=options.data, data_limit=options.data_limit, test_limit=options.test_limit,
                               pruning_scope="per layer (TF-MOT prunes each kernel to the target)")
     rows = []
     for name in args.models:
         for seed in args.seeds:
-            data = Digits(**data_conf).load(seed)
+            data = load(source, seed, options.test_limit)
             keras.utils.set_random_seed(seed)
             model = build(name, data.input_shape, data.num_classes, keras)
             started = time.perf_counter()
