@@ -32,6 +32,10 @@ class PruningMethod:
     def masks(self, model, target: float, seed: int = 0) -> Masks:
         raise NotImplementedError
 
+    def bind(self, data) -> None:
+        """Hand the method the job's data before masks(): criteria such as taylor score on a training batch."""
+        self.data = data
+
     def penalty(self, model) -> dict | None:
         """The training-time regularizer this method adds to the baseline, if any (part of its identity)."""
         return None

@@ -1,5 +1,6 @@
-"""L1-norm filter pruning (Li et al. 2017): in each conv layer, drop the filters of smallest L1 norm,
-with what they feed forward (bias, BatchNorm, the next layer's input channels)."""
+"""L1-norm filter pruning (Li et al. 2017): in each group of coupled channels, drop the filters of
+smallest L1 norm (summed over the group's coupled producers), with what they feed forward (bias,
+BatchNorm, depthwise slices, the consumers' input channels)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,15 @@ from pipeline.pruning.graph import channel_groups
 from pipeline.pruning.masks import merge
 
 
+def l1(group) -> np.ndarray:
+    """The L1 norm of each channel's filters, over every producer of the group."""
+    return sum(s.per_channel(group.size, lambda rows: np.abs(rows).sum(axis=1)) for s in group.producers)
+
+
 @dataclass
 class Filter(PruningMethod):
     name: str = "filter"
-    ratios: dict[str, float] | None = None  # per-layer prune rates overriding the target
+    ratios: dict[str, float] | None = None  # per-group prune rates (by group name) overriding the target
 
     def __post_init__(self):
         self.ratios = dict(self.ratios or {})
@@ -31,7 +37,6 @@ class Filter(PruningMethod):
                              f"allowed: {[g.name for g in groups]}")
         sets = []
         for g in groups:
-            l1 = np.abs(g.conv.kernel.numpy()).sum(axis=(0, 1, 2))
             n = min(n_pruned(self.ratios.get(g.name, target), g.size), g.size - 1)
-            sets.append(g.masks(keep_largest(l1, n)))
+            sets.append(g.masks(keep_largest(l1(g), n)))
         return merge(*sets)

@@ -1,4 +1,6 @@
-"""The study's hybrid: within each conv filter, drop the target fraction of its smallest |w|."""
+"""The study's hybrid: within each conv filter, drop the target fraction of its smallest |w|.
+A filter is what makes one output channel (graph.Kernel.filter_axes): a conv's kernel[..., o], a
+depthwise kernel's [:, :, c, j], a transposed conv's kernel[:, :, o, :], a separable conv's two kernels."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.pruning.base import PruningMethod, keep_largest, n_pruned
-from pipeline.pruning.graph import conv_layers
+from pipeline.pruning.graph import by_filter, from_filters, kernels
 
 
 @dataclass
@@ -16,10 +18,11 @@ class Hybrid(PruningMethod):
 
     def masks(self, model, target, seed=0):
         out = {}
-        for layer in conv_layers(model):
-            w = np.abs(layer.kernel.numpy())
-            per_filter = w.reshape(-1, w.shape[-1])  # (kh * kw * cin, filters)
+        for _, kind, var in kernels(model):
+            if not kind.conv:
+                continue
+            per_filter = by_filter(np.abs(var.numpy()), kind)  # (weights of one filter, filters)
             k = n_pruned(target, per_filter.shape[0])
-            keep = np.stack([keep_largest(per_filter[:, f], k) for f in range(w.shape[-1])], axis=-1)
-            out[layer.kernel.path] = keep.reshape(w.shape)
+            keep = np.stack([keep_largest(per_filter[:, f], k) for f in range(per_filter.shape[1])], axis=-1)
+            out[var.path] = from_filters(keep, tuple(var.shape), kind)
         return out

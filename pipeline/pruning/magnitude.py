@@ -1,4 +1,5 @@
-"""Magnitude pruning (Han et al. 2015): drop the smallest |w| of all conv and dense kernels."""
+"""Magnitude pruning (Han et al. 2015): drop the smallest |w| of all kernels: conv (every kind:
+depthwise, separable, transposed) and dense, nested models included."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 
 from pipeline.config import require
 from pipeline.pruning.base import PruningMethod, keep_largest, n_pruned
-from pipeline.pruning.graph import prunable_layers
+from pipeline.pruning.graph import kernels
 
 
 @dataclass
@@ -20,11 +21,11 @@ class Magnitude(PruningMethod):
         require(self.scope in ("global", "layer"), "scope", self.scope, "global or layer")
 
     def masks(self, model, target, seed=0):
-        kernels = [layer.kernel for layer in prunable_layers(model)]
-        weights = [np.abs(k.numpy()) for k in kernels]
+        variables = [var for _, _, var in kernels(model)]
+        weights = [np.abs(k.numpy()) for k in variables]
         if self.scope == "layer":
-            return {k.path: keep_largest(w, n_pruned(target, w.size)) for k, w in zip(kernels, weights)}
+            return {k.path: keep_largest(w, n_pruned(target, w.size)) for k, w in zip(variables, weights)}
         flat = np.concatenate([w.reshape(-1) for w in weights])
         keep = keep_largest(flat, n_pruned(target, flat.size))
         bounds = np.cumsum([0] + [w.size for w in weights])
-        return {k.path: keep[a:b].reshape(w.shape) for k, w, a, b in zip(kernels, weights, bounds, bounds[1:])}
+        return {k.path: keep[a:b].reshape(w.shape) for k, w, a, b in zip(variables, weights, bounds, bounds[1:])}

@@ -1,6 +1,7 @@
 """Network slimming (Liu et al. 2017): an L1 penalty on BatchNorm scales during baseline training,
-then one global threshold on |gamma| removes the target fraction of channels. Models without
-BatchNorm score each conv output channel by the L2 norm of its kernel, as the study did."""
+then one global threshold on |gamma| removes the target fraction of channels, over every group of
+coupled channels (a group with several BatchNorms, e.g. a residual stage: their mean |gamma|). Groups
+without BatchNorm score each channel by the L2 norm of its filters, as the study did."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import require
-from pipeline.pruning.base import PruningMethod, n_pruned
-from pipeline.pruning.graph import channel_groups
+from pipeline.pruning.base import PruningMethod, keep_largest
+from pipeline.pruning.channel import global_counts
+from pipeline.pruning.graph import all_layers, channel_groups
 from pipeline.pruning.masks import merge
 
 
 def _batchnorms(model) -> list:
-    return [layer for layer in model.layers if type(layer).__name__ == "BatchNormalization" and layer.scale]
+    return [layer for layer in all_layers(model) if type(layer).__name__ == "BatchNormalization" and layer.scale]
 
 
 @dataclass
@@ -38,20 +40,12 @@ class Slim(PruningMethod):
 
     @staticmethod
     def scores(group) -> np.ndarray:
-        if group.norms:
-            return np.abs(group.norms[0].gamma.numpy())
-        return np.sqrt((group.conv.kernel.numpy() ** 2).sum(axis=(0, 1, 2)))
+        if group.scales:
+            return np.mean([s.per_channel(group.size, lambda r: np.abs(r).sum(axis=1)) for s in group.scales], axis=0)
+        return np.sqrt(sum(s.per_channel(group.size, lambda r: (r ** 2).sum(axis=1)) for s in group.producers))
 
     def masks(self, model, target, seed=0):
         groups = channel_groups(model)
         scores = [self.scores(g) for g in groups]
-        order = sorted((s, gi, c) for gi, sc in enumerate(scores) for c, s in enumerate(sc))
-        keep = [np.ones(g.size, bool) for g in groups]
-        todo = n_pruned(target, len(order))
-        for _, gi, c in order:
-            if todo == 0:
-                break
-            if keep[gi].sum() > 1:  # never remove every channel of a layer
-                keep[gi][c] = False
-                todo -= 1
-        return merge(*(g.masks(k) for g, k in zip(groups, keep)))
+        counts = global_counts(scores, target)  # never every channel of a group
+        return merge(*(g.masks(keep_largest(s, n)) for g, s, n in zip(groups, scores, counts)))
