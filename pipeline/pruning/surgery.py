@@ -43,7 +43,7 @@ def _copy_weights(old_graph, new_graph, kept_positions: dict) -> None:
         if inner is not None:
             _copy_weights(inner, _functional(new), kept_positions)
             continue
-        if not old.weights:
+        if not getattr(old, "weights", None):  # ops (x + y) and weightless layers
             continue
         weights = []
         for var in old.weights:
