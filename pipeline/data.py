@@ -1,4 +1,6 @@
-"""Data sets: each config of conf/data names one of these dataclasses; `load(seed)` returns a Dataset.
+"""Data sets: each config of conf/data names one of these dataclasses; `load(seed)` returns a Dataset, whose
+splits the stages read as tf.data pipelines: an ArrayDataset holds its images in memory, a FolderDataset
+(data=folder) only file names, decoding each image as it is read.
 
 Images are float32, channels last, divided by one scale decided on the stored training images and applied
 to every split: none when they do not exceed 1, 255 for integer values up to 255, else their maximum.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -23,7 +26,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -47,16 +50,21 @@ class DataError(ConfigError):
     """A data file is missing, malformed or does not fit: one line, exit status 2."""
 
 
+SPLITS = ("train", "val", "test")
+
+
 @dataclass
 class Dataset:
-    x_train: np.ndarray
+    """A loaded data set: labels in memory, images as tf.data pipelines per split (`examples`, `batches`), so
+    the stages never care whether they come from arrays (ArrayDataset) or are decoded from files as they are
+    read (FolderDataset)."""
+
     y_train: np.ndarray
-    x_val: np.ndarray
     y_val: np.ndarray
-    x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
-    digest: str  # of x_train, y_train, x_test, y_test as loaded (before the validation split)
+    _: KW_ONLY
+    digest: str = ""  # of the content as loaded (before the validation split)
     warnings: list[str] = field(default_factory=list)  # legitimate but notable, e.g. a class absent from val
     source: str = ""  # where it was read from (a path, or what produced it)
     name: str = ""
@@ -68,7 +76,83 @@ class Dataset:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {split: len(self.labels(split)) for split in SPLITS}
+
+    def labels(self, split: str) -> np.ndarray:
+        return getattr(self, f"y_{split}")
+
+    def examples(self, split: str, shuffle_seed: int | None = None):
+        """The split as a tf.data.Dataset of (float32 image, int32 label), in order, or shuffled anew on each
+        iteration by shuffle_seed."""
+        raise NotImplementedError
+
+    def batches(self, split: str, batch_size: int):
+        import tensorflow as tf
+
+        return self.examples(split).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+    def sample(self, n: int) -> np.ndarray:
+        """n test images, the first ones (repeated in turn when the split has fewer): model signatures, latency."""
+        images = next(iter(self.examples("test").batch(n)))[0].numpy()
+        return np.resize(images, (n, *images.shape[1:]))
+
+
+@dataclass
+class ArrayDataset(Dataset):
+    """Images held as float32 arrays (N, H, W, C), scaled and normalised as loaded."""
+
+    x_train: np.ndarray
+    x_val: np.ndarray
+    x_test: np.ndarray
+
+    @property
+    def input_shape(self):
         return tuple(self.x_train.shape[1:])
+
+    def examples(self, split, shuffle_seed=None):
+        import tensorflow as tf
+
+        x = getattr(self, f"x_{split}")
+        ds = tf.data.Dataset.from_tensor_slices((x, self.labels(split)))
+        return ds if shuffle_seed is None else ds.shuffle(len(x), seed=shuffle_seed, reshuffle_each_iteration=True)
+
+
+@dataclass
+class FolderDataset(Dataset):
+    """Images as files, decoded (to image_size and channels, scaled to [0, 1], normalised) in a parallel
+    tf.data map each time they are read: only the file list and labels are held, whatever the data's size."""
+
+    files_train: list[str]
+    files_val: list[str]
+    files_test: list[str]
+    image_size: tuple[int, int]
+    channels: int
+
+    @property
+    def input_shape(self):
+        return (*self.image_size, self.channels)
+
+    def examples(self, split, shuffle_seed=None):
+        import tensorflow as tf
+
+        files = getattr(self, f"files_{split}")
+        ds = tf.data.Dataset.from_tensor_slices(([os.fsencode(f) for f in files], self.labels(split)))
+        if shuffle_seed is not None:  # the file names, before decoding: a buffer of names, not of images
+            ds = ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
+        return ds.map(lambda path, y: (self._image(path), y), num_parallel_calls=tf.data.AUTOTUNE,
+                      deterministic=True)
+
+    def _image(self, path):
+        import tensorflow as tf
+
+        x = tf.cast(_decode(tf.io.read_file(path), self.image_size, self.channels), tf.float32) / 255.0
+        if self.normalization:
+            x = (x - np.float32(self.normalization["mean"])) / np.float32(self.normalization["std"])
+        return x
 
 
 @dataclass
@@ -95,14 +179,6 @@ class DataSource:
         """Where the arrays come from (after arrays(): a path, or what produced them)."""
         return f"{type(self).__module__}.{type(self).__qualname__}"
 
-    def class_names(self) -> list[str]:
-        """After arrays(): the name of each class 0..K-1, where the source names them."""
-        return []
-
-    def read_warnings(self) -> list[str]:
-        """After arrays(): what reading them noted (e.g. files skipped)."""
-        return []
-
     def load(self, seed: int) -> Dataset:
         x_train, y_train, x_test, y_test = self.arrays(seed)
         x_train, y_train = _checked(x_train, y_train, f"{self.name} training data")
@@ -116,10 +192,7 @@ class DataSource:
             x_train, y_train = x_train[: self.limit], y_train[: self.limit]
         x_train, x_test = _scaled(x_train, scale), _scaled(x_test, scale)
         train, val = self._split(y_train, num_classes, seed)
-        warnings = [f"{self.name}: class(es) {_few(absent)} have no example in the {split} split (size {len(y)}"
-                    "): its accuracy does not cover them"
-                    for split, y in (("validation", y_train[val]), ("test", y_test))
-                    if (absent := _absent(num_classes, y))]
+        warnings = self._coverage(num_classes, y_train[val], y_test)
         if x_test.max() > 1.0:
             warnings.append(f"{self.name}: test images reach {x_test.max():.4g} after division by {scale:g}, "
                             "the scale that brings the training images within 1")
@@ -128,10 +201,18 @@ class DataSource:
         stats = _channel_stats(fitted) if self.normalize else {}
         for x in (fitted, x_val, x_test) if stats else ():
             _standardize(x, stats)
-        return Dataset(fitted, y_train[train], x_val, y_train[val], x_test, y_test, num_classes, digest=digest,
-                       warnings=self.read_warnings() + warnings, source=self.source(), name=self.name,
-                       class_names=self.class_names(), seed=seed, crop=AUGMENT_PAD if self.augment else 0,
-                       flip=self.augment and self.flips, normalization=stats)
+        return ArrayDataset(y_train[train], y_train[val], y_test, num_classes, x_train=fitted, x_val=x_val,
+                            x_test=x_test, digest=digest, warnings=warnings, source=self.source(), name=self.name,
+                            normalization=stats, **self._options(seed))
+
+    def _options(self, seed: int) -> dict:
+        return {"seed": seed, "crop": AUGMENT_PAD if self.augment else 0, "flip": self.augment and self.flips}
+
+    def _coverage(self, num_classes: int, y_val: np.ndarray, y_test: np.ndarray) -> list[str]:
+        """Warnings for classes absent from the validation or the test split."""
+        return [f"{self.name}: class(es) {_few(absent)} have no example in the {split} split (size {len(y)}): "
+                "its accuracy does not cover them"
+                for split, y in (("validation", y_val), ("test", y_test)) if (absent := _absent(num_classes, y))]
 
     def _split(self, y: np.ndarray, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Indices of the training and validation examples, by the seed; every class keeps a training one."""
@@ -317,11 +398,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")  # what tf.i
 class Folder(DataSource):
     """Your own images: data.path holds one folder per class (names sorted -> classes 0..K-1), either inside
     train/ and test/, or as one tree split per file (a hash of its path below data.path, not the seed: every
-    seed scores the same test images) with data.test_fraction to test. Each image is decoded by TensorFlow to
-    data.channels (1 or 3) and resized to data.image_size, one file at a time into the arrays the pipeline
-    uses: the images must fit in memory as float32 (data larger than memory is not supported yet). An
-    unreadable image is one DataError naming it, or, with data.skip_bad=true, skipped and counted in a
-    warning. Files with other suffixes and hidden files are ignored."""
+    seed scores the same test images) with data.test_fraction to test. Streamed: each image is decoded by
+    TensorFlow to data.channels (1 or 3) and resized to data.image_size when a tf.data pipeline reads it
+    (FolderDataset), so the data may be larger than memory. Loading reads every file once, in parallel and
+    keeping none: an image that cannot be decoded is one DataError naming it, or, with data.skip_bad=true,
+    skipped and counted in a warning; the same pass gives the digest (of the files' bytes and labels) and,
+    with data.normalize, the training split's channel statistics. data.limit keeps the N training images
+    whose path hashes lowest (a sample across classes). Other suffixes and hidden files are ignored."""
 
     name: str = "folder"
     path: str = "???"
@@ -336,7 +419,6 @@ class Folder(DataSource):
                 "[height, width], both > 0")
         require(self.channels in (1, 3), "channels", self.channels, "1 (grey) or 3 (RGB)")
         require(0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "a number in (0, 1)")
-        self._names, self._skipped, self._total = [], [], 0
 
     def root(self) -> Path:
         return Path(os.path.expanduser(self.path)).resolve()
@@ -344,28 +426,83 @@ class Folder(DataSource):
     def source(self):
         return str(self.root())
 
-    def class_names(self):
-        return self._names
-
-    def read_warnings(self):
-        if not self._skipped:
-            return []
-        return [f"{self.name}: skipped {len(self._skipped)} of {self._total} image(s) that cannot be decoded "
-                f"(data.skip_bad=true): {', '.join(map(str, self._skipped[:3]))}{', ...' * (len(self._skipped) > 3)}"]
-
-    def arrays(self, seed):
+    def load(self, seed: int) -> FolderDataset:
         root = self.root()
         if not root.is_dir():
             raise DataError(f"{self.name}: not a folder: {root} (set data.path to a folder of one subfolder per "
                             "class, or with train/ and test/ holding those)")
         train, test = self._files(root)
-        self._names = sorted({c for c, _ in train})
-        unknown = sorted({c for c, _ in test} - set(self._names))
+        names = sorted({c for c, _ in train})
+        unknown = sorted({c for c, _ in test} - set(names))
         if unknown:
             raise DataError(f"{self.name}: test class folder(s) {', '.join(unknown)} have no training images "
-                            f"(training classes: {', '.join(self._names)})")
-        self._skipped, self._total = [], len(train) + len(test)
-        return (*self._decoded(train), *self._decoded(test))
+                            f"(training classes: {', '.join(names)})")
+        if self.limit and self.limit < len(train):
+            order = sorted(range(len(train)), key=lambda i: _unit_hash(train[i][1].relative_to(root).as_posix()))
+            train = [train[i] for i in sorted(order[: self.limit])]
+        index = {c: i for i, c in enumerate(names)}
+        files = [(index[c], p) for c, p in train + test]
+        ok, hashes, sums = self._read_all([p for _, p in files])
+        skipped = [p for (_, p), good in zip(files, ok) if not good]
+        warnings = [f"{self.name}: skipped {len(skipped)} of {len(files)} image(s) that cannot be decoded "
+                    f"(data.skip_bad=true): {', '.join(map(str, skipped[:3]))}{', ...' * (len(skipped) > 3)}"
+                    ] if skipped else []
+        keep_train, keep_test = np.flatnonzero(ok[: len(train)]), len(train) + np.flatnonzero(ok[len(train):])
+        y = np.array([k for k, _ in files], np.int32)
+        y_train, y_test = y[keep_train], y[keep_test]
+        if absent := _absent(len(names), y_train):
+            causes = [c for c, on in (("data.limit", self.limit), ("data.skip_bad", skipped)) if on]
+            raise DataError(f"{self.name}: class folder(s) {', '.join(names[k] for k in absent)} have no training "
+                            f"image left after {' and '.join(causes) or 'the test split'}: every class needs one")
+        fit, val = self._split(y_train, len(names), seed)
+        stats = _folder_stats(sums[keep_train[fit]], self.image_size) if self.normalize else {}
+        digest = hashlib.sha256(json.dumps(names).encode())
+        for split, kept in (("train", keep_train), ("test", keep_test)):
+            digest.update(f";{split}:{len(kept)};".encode())
+            for i in kept:
+                digest.update(int(y[i]).to_bytes(4, "little") + hashes[i])
+        paths = [str(p) for _, p in files]
+        return FolderDataset(
+            y_train[fit], y_train[val], y_test, len(names), files_train=[paths[i] for i in keep_train[fit]],
+            files_val=[paths[i] for i in keep_train[val]], files_test=[paths[i] for i in keep_test],
+            image_size=tuple(self.image_size), channels=self.channels, digest=digest.hexdigest()[:16],
+            warnings=warnings + self._coverage(len(names), y_train[val], y_test), source=str(root),
+            name=root.name or self.name, class_names=names, normalization=stats, **self._options(seed))
+
+    def _read_all(self, paths: list[Path]) -> tuple[np.ndarray, list[bytes], np.ndarray]:
+        """Every file read and decoded once, in parallel, keeping none: which decode (bool per file), the sha256
+        of their bytes, and their per channel sums of pixel values (uint8) and of their squares, (N, 2, C).
+        Without data.skip_bad, the first file that does not decode is a DataError naming it."""
+        import tensorflow as tf
+
+        def read(i, path):
+            contents = tf.io.read_file(path)
+            x = tf.cast(_decode(contents, self.image_size, self.channels), tf.int64)
+            return i, contents, tf.stack([tf.reduce_sum(x, [0, 1]), tf.reduce_sum(x * x, [0, 1])])
+
+        ok, hashes = np.zeros(len(paths), bool), [b""] * len(paths)
+        sums = np.zeros((len(paths), 2, self.channels), np.int64)
+        ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), [os.fsencode(p) for p in paths]))
+        ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()  # bad: dropped
+        expected = 0
+        for i, contents, s in ds.as_numpy_iterator():
+            if i != expected and not self.skip_bad:
+                break
+            ok[i], hashes[i], sums[i], expected = True, hashlib.sha256(contents).digest(), s, i + 1
+        if not self.skip_bad and expected < len(paths):
+            raise DataError(f"{self.name}: cannot decode {paths[expected]} as an image ({self._why(paths[expected])}"
+                            "): remove or replace it, or set data.skip_bad=true to skip such files")
+        return ok, hashes, sums
+
+    def _why(self, path: Path) -> str:
+        """Why TensorFlow cannot decode the file."""
+        import tensorflow as tf
+
+        try:
+            _decode(tf.io.read_file(os.fsencode(path)), self.image_size, self.channels)
+        except Exception as e:
+            return _tf_reason(e)
+        return "it failed while reading all files"
 
     def _files(self, root: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
         """(class name, file) of the training and the test images."""
@@ -393,22 +530,15 @@ class Folder(DataSource):
             out += [(folder.name, p) for p in files]
         return out
 
-    def _decoded(self, files: list[tuple[str, Path]]) -> tuple[np.ndarray, np.ndarray]:
-        """The images as uint8 (N, H, W, C) and their labels, decoded one file at a time."""
-        x = np.empty((len(files), *self.image_size, self.channels), np.uint8)
-        y = np.empty(len(files), np.int32)
-        index, n = {c: i for i, c in enumerate(self._names)}, 0
-        for name, path in files:
-            try:
-                x[n] = _decode_image(path, self.image_size, self.channels)
-            except Exception as e:
-                if not self.skip_bad:
-                    raise DataError(f"{self.name}: cannot decode {path} as an image ({_tf_reason(e)}): remove "
-                                    "or replace it, or set data.skip_bad=true to skip such files") from None
-                self._skipped.append(path)
-                continue
-            y[n], n = index[name], n + 1
-        return x[:n], y[:n]
+
+def _folder_stats(sums: np.ndarray, image_size: list[int]) -> dict[str, list[float]]:
+    """Per channel mean and std of the images scaled to [0, 1], from their per file sums (N, 2, C) of uint8
+    values and of their squares: exact integers, so the same files give the same numbers in any order."""
+    total = sums.sum(axis=0).astype(np.float64)  # exact below 2**53
+    n = len(sums) * image_size[0] * image_size[1]
+    mean = total[0] / n / 255.0
+    std = np.sqrt(np.maximum(total[1] / n / 255.0**2 - mean**2, 0))
+    return {"mean": mean.tolist(), "std": np.where(std > 0, std, 1.0).tolist()}
 
 
 def _tf_reason(e: Exception) -> str:
@@ -421,14 +551,18 @@ def _unit_hash(text: str) -> float:
     return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16) / 16**15
 
 
-def _decode_image(path: Path, size: list[int], channels: int) -> np.ndarray:
-    """One image file as uint8 (H, W, C), resized (antialiased) when its size differs."""
+def _decode(contents, size, channels: int):
+    """One encoded image as a uint8 (H, W, C) tensor, resized (antialiased, rounded) when its size differs;
+    eager or inside a tf.data map."""
     import tensorflow as tf
 
-    image = tf.io.decode_image(path.read_bytes(), channels=channels, dtype=tf.uint8, expand_animations=False)
-    if tuple(image.shape[:2]) != tuple(size):
-        image = tf.round(tf.clip_by_value(tf.image.resize(image, size, antialias=True), 0, 255))
-    return image.numpy()
+    image = tf.io.decode_image(contents, channels=channels, dtype=tf.uint8, expand_animations=False)
+
+    def resized():
+        return tf.cast(tf.clip_by_value(tf.round(tf.image.resize(image, size, antialias=True)), 0, 255), tf.uint8)
+
+    same = tf.reduce_all(tf.equal(tf.shape(image)[:2], size))
+    return tf.ensure_shape(tf.cond(same, lambda: image, resized), [*size, channels])
 
 
 # --- standard data sets: found where keras.datasets keeps them, in a system copy, or downloaded -----------

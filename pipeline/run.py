@@ -101,7 +101,7 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
             run.artifact(tmp / "layers.csv")
             model.save(tmp / "model.keras")
             run.artifact(tmp / "model.keras", "model")  # the file pipeline.verify checks
-            run.keras_model(model, data.x_test[:2])
+            run.keras_model(model, data.sample(2))
             if kept:
                 small.save(tmp / "shrunk.keras")
                 run.artifact(tmp / "shrunk.keras", "model")

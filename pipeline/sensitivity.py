@@ -67,7 +67,7 @@ def settings(node) -> Sensitivity:
 
 def val_accuracy(model, data) -> float:
     """Accuracy on the validation split: the scan decides on it, never on the test split."""
-    predicted = model.predict(data.x_val, batch_size=256, verbose=0).argmax(axis=1)
+    predicted = model.predict(data.batches("val", 256), verbose=0).argmax(axis=1)
     return float((predicted == data.y_val).mean())
 
 

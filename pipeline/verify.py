@@ -11,6 +11,7 @@ What is checked, each difference reported on its own line:
   compression, flops_dense, flops_effective, speedup_theoretical and every layer/<name>/sparsity; from
   the final model (`model/shrunk.keras` where structured pruning logged one, else `model/model.keras`)
   eval/size_gzip_bytes; from `model/shrunk.keras` eval/flops_shrunk and eval/params_shrunk;
+- the data rebuilt from `config.yaml` has the run's tag data_digest (data=folder files may have changed);
 - test accuracy, on the test data rebuilt from `config.yaml` (tolerance 1e-4): `model/model.keras`
   against eval/masked_accuracy (runs that predate it: skipped with a note), the final model against
   eval/accuracy;
@@ -288,6 +289,10 @@ def _check(client, run, tmp: Path, report) -> list[str]:
         data = attempt("the run's test data cannot be rebuilt from config.yaml",
                        lambda: build("data", conf.data).load(int(conf.seed)))
         if data is not None:
+            logged_digest = run.data.tags.get("data_digest")
+            if logged_digest and data.digest != logged_digest:  # e.g. a data=folder whose files changed
+                problems.append(f"data: the data rebuilt from config.yaml has digest {data.digest}, the run's "
+                                f"data_digest is {logged_digest}: it changed since the run")
             problems += attempt("the test accuracy cannot be re-evaluated", accuracy_problems,
                                 logged, model, shrunk, data, report) or []
     return problems

@@ -2,13 +2,13 @@
 
 import logging
 import re
-from types import SimpleNamespace
 
 import keras
 import numpy as np
 import pytest
 
 from pipeline.config import Phase
+from pipeline.data import ArrayDataset
 from pipeline.stages import train
 
 LINE = re.compile(r"tiny epoch (\d)/3: loss \d+\.\d{4}, accuracy [01]\.\d{4}, val_accuracy [01]\.\d{4}, \d+\.\ds")
@@ -24,7 +24,7 @@ def tiny_fit(caplog):
     caplog.set_level(logging.INFO, logger="pipeline")
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(48, 4)).astype("float32"), rng.integers(0, 3, 48)
-    data = SimpleNamespace(x_train=x[:32], y_train=y[:32], x_val=x[32:], y_val=y[32:])
+    data = ArrayDataset(y[:32], y[32:], y[32:], 3, x_train=x[:32], x_val=x[32:], x_test=x[32:])
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
 
     def run():

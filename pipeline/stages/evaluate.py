@@ -14,7 +14,7 @@ from pipeline.pruning import accounting
 def test_metrics(model, data) -> dict[str, float]:
     if not model.compiled:
         model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    loss, acc = model.evaluate(data.x_test, data.y_test, batch_size=256, verbose=0)
+    loss, acc = model.evaluate(data.batches("test", 256), verbose=0)
     return {"accuracy": float(acc), "loss": float(loss)}
 
 
@@ -75,7 +75,7 @@ def evaluate(model, data, dense_model=None, small_model=None) -> dict[str, float
     out.update(weight_metrics(model, small_model))
     if dense_model is not None:
         for batch, repeats in LATENCY_REPEATS.items():
-            x = np.resize(data.x_test, (batch, *data.x_test.shape[1:])).astype("float32")
+            x = data.sample(batch).astype("float32")
             suffix = "" if batch == 1 else f"_b{batch}"
             dense_ms, pruned_ms = paired_latency_ms([dense_model, final], x, repeats)
             out[f"latency_ms_dense{suffix}"], out[f"latency_ms_pruned{suffix}"] = dense_ms, pruned_ms

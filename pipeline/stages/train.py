@@ -108,13 +108,12 @@ def _augmented(x, noise, crop: int, flip: bool):
 
 def training_batches(data, batch_size: int, seed: int):
     """The training split as a tf.data pipeline: shuffled anew each epoch (seeded), augmented as the data says
-    (its crop and flip, when it has them), batched and prefetched. The arrays are copied into it once."""
+    (its crop and flip), batched and prefetched; images stream from data.examples (arrays or files)."""
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((data.x_train, data.y_train))
-    ds = ds.shuffle(len(data.x_train), seed=seed, reshuffle_each_iteration=True)
-    crop, flip = getattr(data, "crop", 0), getattr(data, "flip", False)
-    if crop or flip:
+    ds = data.examples("train", shuffle_seed=seed)
+    if data.crop or data.flip:
+        crop, flip = data.crop, data.flip
         noise = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         ds = tf.data.Dataset.zip(ds, noise).map(lambda xy, r: (_augmented(xy[0], r, crop, flip), xy[1]),
                                                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -122,9 +121,7 @@ def training_batches(data, batch_size: int, seed: int):
 
 
 def validation_batches(data, batch_size: int):
-    import tensorflow as tf
-
-    return tf.data.Dataset.from_tensor_slices((data.x_val, data.y_val)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return data.batches("val", batch_size)
 
 
 def fit(model, data, phase: Phase, stage: str, callbacks=()) -> dict[str, list[float]]:
@@ -140,7 +137,7 @@ def fit(model, data, phase: Phase, stage: str, callbacks=()) -> dict[str, list[f
 
 
 def steps_per_epoch(data, phase: Phase) -> int:
-    return int(np.ceil(len(data.x_train) / phase.batch_size))
+    return int(np.ceil(data.sizes["train"] / phase.batch_size))
 
 
 def train_baseline(model, data, phase: Phase, method) -> dict[str, list[float]]:
