@@ -1,8 +1,10 @@
 """Train each baseline once: a dense model is identified by a hash of exactly the config that
-determines it, kept on disk beside the tracking store, and reused by every job that shares it.
+determines it, kept on disk beside the tracking store (sqlite, or no tracking), or as an artifact of its
+baseline run on a tracking server (RunStore), and reused by every job that shares it.
 
-Safe across processes: one job trains while the others wait on a file lock, then load. A file that
-fails to verify (checksum) or to load is trained again, never used.
+Safe across processes: one job trains while the others wait (on a file lock, or on the training
+worker's claim in the tracking store), then load. A file that fails to verify (checksum) or to load is
+trained again, never used.
 """
 
 from __future__ import annotations
@@ -11,12 +13,18 @@ import hashlib
 import json
 import logging
 import os
+import random
+import socket
+import tempfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
+from pipeline import tracking
 from pipeline.config import stable_hash
 
 log = logging.getLogger(__name__)
@@ -24,9 +32,11 @@ log = logging.getLogger(__name__)
 
 def baseline_spec(ident: dict[str, Any], penalty: dict | None) -> dict[str, Any]:
     """Everything that determines a trained dense model, and nothing else (`ident`: config.identity)."""
+    numerics = {k: ident["training"][k] for k in ("mixed_precision", "jit_compile")
+                if ident["training"].get(k) is not None}  # set: another model (unset: the hashes stay)
     return {**{k: ident[k] for k in ("data", "model", "seed", "data_digest", "code_version")},
             "training": ident["training"]["baseline"], "deterministic": ident["training"]["deterministic"],
-            "penalty": penalty}
+            "penalty": penalty, **numerics}
 
 
 def _sha256(path: Path) -> str:
@@ -79,7 +89,6 @@ def obtain(spec: dict[str, Any], cache: Path, build: Callable, train: Callable,
 def for_job(conf: dict[str, Any], parts: dict, data, client, exp_id, uri: str):
     """The job's trained dense model: (model, hash, trained_now). A baseline trained here is logged once,
     as its own run (tag kind=baseline)."""
-    from pipeline import tracking
     from pipeline.config import identity
     from pipeline.stages.evaluate import test_metrics
     from pipeline.stages.train import train_baseline
@@ -88,15 +97,21 @@ def for_job(conf: dict[str, Any], parts: dict, data, client, exp_id, uri: str):
     build = lambda: spec.build(data.input_shape, data.num_classes)  # noqa: E731
     spec_b = baseline_spec(identity(conf["seed"], parts, data.digest), method.penalty(build()))
 
+    def describe(b, trained, history, path):  # what a baseline run holds
+        b.params(tracking.params_of(spec_b))
+        b.history("train", history)  # per epoch; baseline/* holds the test-set figures
+        b.metrics(test_metrics(trained, data), prefix="baseline/")
+        b.artifact(path, "model")
+
+    if client is not None and tracking.sqlite_path(uri) is None:  # a tracking server: nothing else is shared
+        return RunStore(client, exp_id, parts["tracking"].claim_timeout).obtain(
+            spec_b, build, lambda m: train_baseline(m, data, phase, method), describe)
+
     def log_run(key, trained, history, path):
         if client is None:
             return
-        tags = {"kind": "baseline", "baseline_hash": key}
-        with tracking.Run(client, exp_id, f"baseline-{key[:8]}", tags) as b:
-            b.params(tracking.params_of(spec_b))
-            b.history("train", history)  # per epoch; baseline/* holds the test-set figures
-            b.metrics(test_metrics(trained, data), prefix="baseline/")
-            b.artifact(path, "model")
+        with tracking.Run(client, exp_id, f"baseline-{key[:8]}", {"kind": "baseline", "baseline_hash": key}) as b:
+            describe(b, trained, history, path)
 
     return obtain(spec_b, tracking.store_dir(uri) / "baselines", build,
                   lambda m: train_baseline(m, data, phase, method), log_run)
@@ -111,3 +126,114 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     if deterministic:
         tf.config.experimental.enable_op_determinism()
 
+class RunStore:
+    """Baselines kept as the `model/model.keras` artifact of their baseline run (tag kind=baseline, found by
+    its baseline_hash), read and written through the tracking server: a worker on any machine reuses them
+    with no shared filesystem. The claim to train one is its RUNNING baseline run: a worker creates its run,
+    and trains only if no other RUNNING run of that hash exists (else it deletes its run and waits), so two
+    workers never both train. A trainer shows it lives by a heartbeat tag; one whose heartbeat stands still
+    for `timeout` seconds (by the waiter's own clock), or whose process on this host has died, is marked
+    KILLED and another worker takes over."""
+
+    HEARTBEAT = "baseline.heartbeat"
+    UNUSABLE = "baseline.unusable"
+    POLL_S = 2.0
+
+    def __init__(self, client, exp_id: str, timeout: float):
+        self.client, self.exp_id, self.timeout = client, exp_id, timeout
+        self.seen: dict[str, tuple[str, float]] = {}  # claim run id -> (heartbeat, when it last moved)
+
+    def _runs(self, key: str, status: str):
+        return self.client.search_runs([self.exp_id], f"tags.baseline_hash = '{key}' and tags.kind = 'baseline' "
+                                       f"and attributes.status = '{status}'", order_by=["attributes.start_time DESC"])
+
+    def obtain(self, spec: dict[str, Any], build: Callable, train: Callable, describe: Callable):
+        """(model, hash, trained_now), as obtain(); describe(run, model, history, path) fills the run."""
+        key, waiting = stable_hash(spec), None
+        while True:
+            model = self._load_finished(key)
+            if model is not None:
+                return model, key, False
+            live = [r for r in self._runs(key, "RUNNING") if self._alive(r)]
+            if not live:
+                run = self._claim(key)
+                if run is not None:
+                    return self._train(run, build, train, describe), key, True
+            elif waiting != live[0].info.run_id:
+                waiting = live[0].info.run_id
+                log.info("baseline %s is being trained by run %s (host %s): waiting for it", key, waiting,
+                         live[0].data.tags.get("host", "?"))
+            time.sleep(self.POLL_S * random.uniform(0.5, 1.5))
+
+    def _load_finished(self, key: str):
+        import keras
+
+        for run in self._runs(key, "FINISHED"):
+            if run.data.tags.get(self.UNUSABLE):
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(self.client.download_artifacts(run.info.run_id, "model/model.keras", tmp))
+                try:
+                    expected = json.loads(run.data.tags.get(tracking.CHECKSUMS_TAG, "{}")).get("model/model.keras")
+                    if _sha256(path) != expected:
+                        raise ValueError("checksum mismatch")
+                    return keras.saving.load_model(path, compile=False, safe_mode=True)
+                except Exception as e:
+                    log.warning("baseline run %s is unusable (%s): training it again", run.info.run_id, e)
+                    self.client.set_tag(run.info.run_id, self.UNUSABLE, str(e)[:500])
+        return None
+
+    def _alive(self, run) -> bool:
+        """Alive unless its process on this host is gone, or its heartbeat has not moved for `timeout`;
+        a dead claim is marked KILLED."""
+        tags, run_id, now = run.data.tags, run.info.run_id, time.monotonic()
+        beat = tags.get(self.HEARTBEAT, "")
+        if self.seen.get(run_id, (None,))[0] != beat:
+            self.seen[run_id] = (beat, now)
+        local = tags.get("host") == socket.gethostname() and tags.get("pid", "").isdigit()
+        if local and not tracking.alive(int(tags["pid"])):
+            why = "its process ended"
+        elif now - self.seen[run_id][1] > self.timeout:
+            why = f"no heartbeat for {self.timeout:.0f}s"
+        else:
+            return True
+        log.warning("baseline run %s stopped (%s): another worker takes it over", run_id, why)
+        self.client.set_tag(run_id, "error", f"baseline trainer stopped: {why}")
+        self.client.set_terminated(run_id, "KILLED")
+        return False
+
+    def _claim(self, key: str):
+        """This worker's claim (its baseline run), or None when another worker claimed at the same time."""
+        run = tracking.Run(self.client, self.exp_id, f"baseline-{key[:8]}",
+                           {"kind": "baseline", "baseline_hash": key, self.HEARTBEAT: "0"})
+        if any(r.info.run_id != run.id for r in self._runs(key, "RUNNING")):
+            self.client.delete_run(run.id)  # both step back; the random pause lets one go first next time
+            return None
+        return run
+
+    def _train(self, run, build: Callable, train: Callable, describe: Callable):
+        import keras
+
+        stop = threading.Event()
+
+        def beat():  # a sign of life for the waiting workers, until the run is closed
+            n = 0
+            while not stop.wait(max(1.0, self.timeout / 5)):
+                n += 1
+                try:
+                    self.client.set_tag(run.id, self.HEARTBEAT, str(n))
+                except Exception:  # the server is away: the job fails on its own next request
+                    pass
+
+        threading.Thread(target=beat, daemon=True).start()
+        try:
+            with run, tempfile.TemporaryDirectory() as tmp:
+                model = build()
+                history = train(model)
+                path = Path(tmp) / "model.keras"
+                model.save(path)
+                describe(run, model, history, path)
+                # the model returned is the one saved, as a worker that loads it gets it
+                return keras.saving.load_model(path, compile=False, safe_mode=True)
+        finally:
+            stop.set()

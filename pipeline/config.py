@@ -65,10 +65,16 @@ class Training:
     baseline: Phase = field(default_factory=Phase)
     finetune: Phase = field(default_factory=Phase)
     deterministic: bool = True
+    mixed_precision: str | None = None  # Keras dtype policy: mixed_float16 (loss scaling) or mixed_bfloat16
+    jit_compile: bool | None = None  # XLA; None: Keras decides (on a GPU when the model supports it)
+
+    PRECISIONS = ("mixed_float16", "mixed_bfloat16")
 
     def __post_init__(self):
         self.baseline.check("baseline")
         self.finetune.check("finetune")
+        require(self.mixed_precision in (None, *self.PRECISIONS), "mixed_precision", self.mixed_precision,
+                f"null (float32) or one of {', '.join(self.PRECISIONS)}")
 
 
 @dataclass
@@ -78,9 +84,13 @@ class Tracking:
     uri: str | None = None
     experiment: str = "pruning"
     skip_finished: bool = True
+    # With a tracking server: seconds a worker waits for another one's baseline to show a sign of life
+    # before it takes the training over (a trainer on this host that has died is taken over at once)
+    claim_timeout: float = 600.0
 
     def __post_init__(self):
         require(bool(self.experiment), "experiment", self.experiment, "a non-empty name")
+        require(self.claim_timeout > 0, "claim_timeout", self.claim_timeout, "a number of seconds > 0")
 
 
 PLAIN_SCHEMAS = {"training": Training, "tracking": Tracking}

@@ -44,9 +44,11 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
     from pipeline.stages.evaluate import evaluate, test_metrics
     from pipeline.stages.finetune import finetune
     from pipeline.stages.prune import prune
+    from pipeline.stages.train import configure
 
     method, schedule, training, track = (parts[k] for k in ("method", "sparsity", "training", "tracking"))
     baseline.seed_everything(cfg.seed, training.deterministic)
+    configure(training)  # precision and XLA, before any model is built
     conf = job_config(cfg)
     ident = identity(cfg.seed, parts, data.digest)
     chash, name = config_hash(ident), run_name(method.name, schedule.target)
@@ -65,7 +67,7 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
             return {"skipped": 1.0, "run_id": previous.info.run_id}
 
     tags = {"method": method.name, "config_hash": chash, "code_version": ident["code_version"],
-            "data_digest": data.digest}
+            "data_digest": data.digest, **tracking.device_tags()}
     if data.warnings:
         tags["data_warnings"] = "; ".join(data.warnings)
     started = time.perf_counter()

@@ -26,6 +26,10 @@ from pipeline.models import check_fits
 log = logging.getLogger("pipeline")
 TOTAL_ENV, START_ENV = "PIPELINE_SWEEP_TOTAL", "PIPELINE_SWEEP_START"
 SWEPT_ENV = "PIPELINE_SWEEP_KEYS"  # the keys the sweep varies (JSON): a job's start line names their values
+RESULTS_ENV = "PIPELINE_SWEEP_RESULTS"  # the absolute path of jobs.jsonl: workers may run in another folder
+# What a job needs from its sweep's process, all in the environment: launchers whose workers do not inherit
+# it (a Ray cluster started before the sweep) pass these (conf/hydra/launcher/ray.yaml)
+SWEEP_ENV = (TOTAL_ENV, START_ENV, SWEPT_ENV, RESULTS_ENV, tracking.PARENT_ENV)
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # What a job returns for a sweeper to maximise (see objective()): the final model's accuracy on the
 # validation split (its last fine-tuning epoch); the test split stays for the reported metrics.
@@ -100,6 +104,8 @@ def objective(metrics: dict[str, float], budget: float | None = None) -> float:
 
 def results_file(config: DictConfig | None = None) -> Path:
     """Where the jobs of this sweep record how they ended (one JSON line each)."""
+    if config is None and os.environ.get(RESULTS_ENV):
+        return Path(os.environ[RESULTS_ENV])
     sweep_dir = config.hydra.sweep.dir if config is not None else HydraConfig.get().sweep.dir
     return Path(sweep_dir) / "jobs.jsonl"
 
@@ -198,6 +204,7 @@ class SweepCallback(Callback):
         os.environ[SWEPT_ENV] = json.dumps(swept_keys(config))
         self._claim(Path(config.hydra.sweep.dir))
         results_file(config).unlink(missing_ok=True)
+        os.environ[RESULTS_ENV] = str(results_file(config).resolve())
         if not track.enabled:
             return
         uri = tracking.resolve_uri(track.uri)

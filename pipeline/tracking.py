@@ -78,6 +78,10 @@ def check_store(uri: str) -> None:
         from urllib.parse import urlparse
 
         url = urlparse(uri)
+        if url.username or url.password:  # the URI is logged (params, config.yaml): never a secret in it
+            raise ConfigError(f"tracking.uri: credentials in the URI are not allowed (they would be logged); "
+                              f"use {url.scheme}://{url.hostname}{f':{url.port}' if url.port else ''}{url.path} "
+                              "with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment")
         try:
             socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 3).close()
         except OSError as e:
@@ -299,6 +303,18 @@ class Run:
                                     pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
 
 
+def device_tags() -> dict[str, str]:
+    """Where the job computes: `device` (the GPU's name, or CPU) and TensorFlow's version and build."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
+    build = {k: str(v) for k, v in tf.sysconfig.get_build_info().items()
+             if k in ("cuda_version", "cudnn_version", "is_cuda_build", "is_rocm_build")}
+    return {"device": ", ".join(names) or "CPU", "tf.version": tf.__version__,
+            "tf.build": json.dumps(build, sort_keys=True)}
+
+
 def context_tags() -> dict[str, str]:
     """MLflow's standard run context, as mlflow.start_run records it: user, source, git commit."""
     from mlflow.tracking.context.registry import resolve_tags
@@ -354,7 +370,7 @@ def close_abandoned(mlflow_client, exp_id: str, config_hash: str) -> int:
     closed = 0
     for run in runs:
         pid, host = run.data.tags.get("pid"), run.data.tags.get("host")
-        if host == socket.gethostname() and pid and not _alive(int(pid)):
+        if host == socket.gethostname() and pid and not alive(int(pid)):
             mlflow_client.set_tag(run.info.run_id, "error", "process ended without closing the run")
             mlflow_client.set_terminated(run.info.run_id, "KILLED")
             closed += 1
@@ -373,7 +389,7 @@ def _status(mlflow_client, run_id: str) -> str | None:
         raise
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Is the process running (a zombie, dead but not yet reaped, is not)?"""
     try:
         os.kill(pid, 0)

@@ -83,6 +83,18 @@ def learning_rate(phase: Phase, total_steps: int):
     return phase.lr
 
 
+JIT_COMPILE: bool | str = "auto"  # training.jit_compile of the running job (configure)
+
+
+def configure(training) -> None:
+    """The job's numerics, process-wide (a worker runs jobs one after another): Keras's dtype policy
+    (float32, or mixed_float16/mixed_bfloat16: float32 variables, so masks and pruned zeros stay exact;
+    compile adds loss scaling for float16), set before any model is built, and XLA for compile_model."""
+    global JIT_COMPILE
+    keras.mixed_precision.set_global_policy(training.mixed_precision or "float32")
+    JIT_COMPILE = "auto" if training.jit_compile is None else training.jit_compile
+
+
 def compile_model(model, phase: Phase, total_steps: int = 0) -> None:
     """Compile for the phase; a schedule other than constant needs the phase's total_steps."""
     lr = learning_rate(phase, total_steps)
@@ -90,7 +102,8 @@ def compile_model(model, phase: Phase, total_steps: int = 0) -> None:
         opt = keras.optimizers.SGD(lr, momentum=phase.momentum, weight_decay=phase.weight_decay or None)
     else:
         opt = keras.optimizers.Adam(lr, weight_decay=phase.weight_decay or None)
-    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                  jit_compile=JIT_COMPILE)
 
 
 def _augmented(x, noise, crop: int, flip: bool):
