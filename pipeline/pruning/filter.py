@@ -1,6 +1,7 @@
-"""L1-norm filter pruning (Li et al. 2017): in each group of coupled channels, drop the filters of
-smallest L1 norm (summed over the group's coupled producers), with what they feed forward (bias,
-BatchNorm, depthwise slices, the consumers' input channels)."""
+"""L1-norm filter pruning (Li et al. 2017): in each group of coupled conv channels (a conv layer's, or a
+whole residual stage's), drop the filters of smallest L1 norm (summed over the group's coupled
+producers), with what they feed forward (bias, BatchNorm, depthwise slices, the consumers' input
+channels). As in the paper, conv filters only: hidden dense units are the `channel` method's."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class Filter(PruningMethod):
             require(0 <= ratio < 1, f"ratios.{layer}", ratio, "a number in [0, 1)")
 
     def masks(self, model, target, seed=0):
-        groups = channel_groups(model)
+        groups = [g for g in channel_groups(model) if g.convolutional]
         unknown = set(self.ratios) - {g.name for g in groups}
         if unknown:
             raise ValueError(f"method.ratios names layers without prunable filters: {sorted(unknown)}; "

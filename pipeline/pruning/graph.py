@@ -160,6 +160,11 @@ class ChannelGroup:
         return [s for s in self.slices if s.role == "filter"]
 
     @property
+    def convolutional(self) -> bool:
+        """Does a conv layer (of any kind) produce these channels? (Dense units alone: no.)"""
+        return any(k.conv for s in self.producers for k in kernel_kinds(s.layer))
+
+    @property
     def scales(self) -> list[Slice]:
         return [s for s in self.slices if s.role == "scale"]
 
@@ -608,11 +613,12 @@ class Analysis:
         return [(self.groups[gi], x[1]) for gi in [self.root_of[s] for s in x[0]]]
 
     def structured(self) -> dict[str, str]:
-        """Per producer layer: the group its output channels are pruned with, or why they are left whole."""
+        """Per layer: the group its output channels are pruned with, or why they are left whole."""
         out = {}
-        for g in self.groups:
-            for s in g.producers:
-                out.setdefault(s.layer.name, g.name if g.reason is None else f"whole: {g.reason}")
+        for outputs_only in (True, False):  # a producer's filters first, then what follows its input (depthwise)
+            for g in self.groups:
+                for s in g.producers if outputs_only else [s for s in g.slices if s.role != "input"]:
+                    out.setdefault(s.layer.name, g.name if g.reason is None else f"whole: {g.reason}")
         return out
 
 

@@ -1,7 +1,7 @@
 """Network slimming (Liu et al. 2017): an L1 penalty on BatchNorm scales during baseline training,
 then one global threshold on |gamma| removes the target fraction of channels, over every group of
-coupled channels (a group with several BatchNorms, e.g. a residual stage: their mean |gamma|). Groups
-without BatchNorm score each channel by the L2 norm of its filters, as the study did."""
+coupled conv channels (a group with several BatchNorms, e.g. a residual stage: their mean |gamma|).
+Groups without BatchNorm score each channel by the L2 norm of its filters, as the study did."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class Slim(PruningMethod):
         return np.sqrt(sum(s.per_channel(group.size, lambda r: (r ** 2).sum(axis=1)) for s in group.producers))
 
     def masks(self, model, target, seed=0):
-        groups = channel_groups(model)
+        groups = [g for g in channel_groups(model) if g.convolutional]
         scores = [self.scores(g) for g in groups]
         counts = global_counts(scores, target)  # never every channel of a group
         return merge(*(g.masks(keep_largest(s, n)) for g, s, n in zip(groups, scores, counts)))
