@@ -30,8 +30,11 @@ from pipeline.config import stable_hash
 log = logging.getLogger(__name__)
 
 
-def baseline_spec(ident: dict[str, Any], penalty: dict | None) -> dict[str, Any]:
-    """Everything that determines a trained dense model, and nothing else (`ident`: config.identity)."""
+def baseline_spec(ident: dict[str, Any], penalty: dict | None, pretrained: bool = False) -> dict[str, Any]:
+    """Everything that determines a trained dense model, and nothing else (`ident`: config.identity).
+    A pretrained model (model=file, trained=true) is its file's content fitted to the data: no seed, no training."""
+    if pretrained:
+        return {k: ident[k] for k in ("data", "model", "data_digest", "code_version")}
     numerics = {k: ident["training"][k] for k in ("mixed_precision", "jit_compile")
                 if ident["training"].get(k) is not None}  # set: another model (unset: the hashes stay)
     return {**{k: ident[k] for k in ("data", "model", "seed", "data_digest", "code_version")},
@@ -95,7 +98,13 @@ def for_job(conf: dict[str, Any], parts: dict, data, client, exp_id, uri: str):
 
     method, spec, phase = parts["method"], parts["model"], parts["training"].baseline
     build = lambda: spec.build(data.input_shape, data.num_classes)  # noqa: E731
-    spec_b = baseline_spec(identity(conf["seed"], parts, data.digest), method.penalty(build()))
+    spec.prepare_loading()  # e.g. model.safe_mode=false: the cached copy loads as the file did
+    ident = identity(conf["seed"], parts, data.digest)
+    if spec.pretrained:  # the file is the baseline: evaluated, never trained
+        spec_b = baseline_spec(ident, None, pretrained=True)
+        train_baseline = lambda *_: {}  # noqa: E731  (what the calls below train with: nothing)
+    else:
+        spec_b = baseline_spec(ident, method.penalty(build()))
 
     def describe(b, trained, history, path):  # what a baseline run holds
         b.params(tracking.params_of(spec_b))
@@ -125,6 +134,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
+
 
 class RunStore:
     """Baselines kept as the `model/model.keras` artifact of their baseline run (tag kind=baseline, found by

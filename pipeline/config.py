@@ -154,7 +154,9 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     seed = cfg.get("seed")
     require(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < SEED_LIMIT, "seed", seed,
             f"an integer in [0, {SEED_LIMIT - 1}]")
-    return {group: build(group, cfg[group]) for group in (*TARGET_GROUPS, *PLAIN_SCHEMAS)}
+    parts = {group: build(group, cfg[group]) for group in (*TARGET_GROUPS, *PLAIN_SCHEMAS)}
+    parts["method"].check(parts["sparsity"])  # a method may fix its own target (e.g. nm: 1 - n/m)
+    return parts
 
 
 def job_config(cfg: DictConfig) -> dict[str, Any]:
@@ -182,6 +184,8 @@ def identity(seed: int, parts: dict[str, Any], data_digest: str) -> dict[str, An
     groups = {group: {"_target_": f"{type(obj).__module__}.{type(obj).__qualname__}",
                       **{k: v for k, v in dataclasses.asdict(obj).items() if k not in WHERE_NOT_WHAT}}
               for group, obj in parts.items() if group != "tracking"}
+    if "model" in groups:  # a model file: its content, not where it lies
+        groups["model"].update(parts["model"].content())
     return {**groups, "seed": seed, "data_digest": data_digest, "code_version": code_version()}
 
 

@@ -70,6 +70,7 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
             "data_digest": data.digest, **tracking.device_tags()}
     if data.warnings:
         tags["data_warnings"] = "; ".join(data.warnings)
+    tags.update(parts["model"].tags())  # e.g. model.safe_mode=false
     started = time.perf_counter()
     with tracking.Run(client, exp_id, name, tags) as run:
         run.params(tracking.params_of(conf))

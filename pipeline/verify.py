@@ -265,9 +265,11 @@ def _check(client, run, tmp: Path, report) -> list[str]:
     def keras_model(path):
         return keras.saving.load_model(path, compile=False, safe_mode=True)
 
+    conf = load(CONFIG, lambda path: OmegaConf.create(path.read_text()))
+    if conf is not None:  # the run's model may need its imports, or allow Lambda code (model.safe_mode=false)
+        attempt("the run's model config is not valid", lambda: build("model", conf.model).prepare_loading())
     model, shrunk = load(MODEL, keras_model), load(SHRUNK, keras_model)
     masks = load(MASKS, load_masks)
-    conf = load(CONFIG, lambda path: OmegaConf.create(path.read_text()))
 
     if model is not None and masks is not None:
         problems += attempt("masks.npz cannot be checked against the model", mask_problems, model, masks) or []

@@ -33,6 +33,20 @@ def run_pipeline(args, tmp_path, check=True, timeout=600, env=None):
     return proc
 
 
+def run_in_process(tmp_path, overrides=()):
+    """One job as python -m pipeline.run runs it (validate, load, fit check, run_job), in this process,
+    into a tracking store under tmp_path: its result ({run_id, metrics})."""
+    from pipeline.config import validate
+    from pipeline.models import check_fits
+    from pipeline.run import run_job
+
+    cfg = compose_config([*overrides, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    parts = validate(cfg)
+    data = parts["data"].load(cfg.seed)
+    check_fits(parts["model"], data.input_shape, data.num_classes)
+    return run_job(cfg, parts, data)
+
+
 @pytest.fixture
 def client_for():
     from mlflow.tracking import MlflowClient

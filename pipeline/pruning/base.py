@@ -32,6 +32,9 @@ class PruningMethod:
     def masks(self, model, target: float, seed: int = 0) -> Masks:
         raise NotImplementedError
 
+    def check(self, schedule) -> None:
+        """Raise a ConfigError if this method cannot prune to the schedule's target (checked at start-up)."""
+
     def bind(self, data) -> None:
         """Hand the method the job's data before masks(): criteria such as taylor score on a training batch."""
         self.data = data
