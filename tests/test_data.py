@@ -212,6 +212,19 @@ def test_npz_any_file(tmp_path):
     assert sorted(map(bytes, together)) == sorted(map(bytes, x_train))
 
 
+def test_array_splits_stream_as_stored(tmp_path):
+    """The stages read every data set through its tf.data pipelines: an array data set's are its arrays."""
+    ds = npz(tmp_path, y_train=np.arange(N_TRAIN) % 10)(val_fraction=0.25).load(0)
+    assert ds.sizes == {"train": len(ds.y_train), "val": len(ds.y_val), "test": N_TEST}
+    for split in ("train", "val", "test"):
+        x, y = (np.concatenate(part) for part in zip(*((x.numpy(), y.numpy()) for x, y in ds.batches(split, 7))))
+        np.testing.assert_array_equal(x, getattr(ds, f"x_{split}"))
+        np.testing.assert_array_equal(y, ds.labels(split))
+    shuffled = [y.numpy() for _, y in ds.examples("train", shuffle_seed=3)]
+    assert sorted(shuffled) == sorted(ds.y_train) and shuffled != ds.y_train.tolist()
+    np.testing.assert_array_equal(ds.sample(N_TEST + 3), np.concatenate([ds.x_test, ds.x_test[:3]]))
+
+
 # --- missing files: a one-line DataError naming the path (data.download=false; downloads: test_download.py)
 
 FASHION_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
