@@ -3,7 +3,7 @@
 Run with the peer venv only (tf_keras + tensorflow-model-optimization; `make bench` creates it):
 
     .venv-peers/bin/python -m pipeline.peers.tfmot --out benchmarks/peer.json [--seeds 0 --targets 0.5]
-        [--data fashion_mnist --data-limit 4000 --test-limit 2000]
+        [--data fashion_mnist --data-limit 3000 --test-limit 2000]
 
 TF-MOT works only with tf_keras (Keras 2) and switches the process to it on import, so this module
 imports nothing of the pipeline that imports Keras 3: only pipeline.data (numpy, scikit-learn) and
