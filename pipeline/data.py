@@ -427,21 +427,8 @@ class Folder(DataSource):
         return str(self.root())
 
     def load(self, seed: int) -> FolderDataset:
-        root = self.root()
-        if not root.is_dir():
-            raise DataError(f"{self.name}: not a folder: {root} (set data.path to a folder of one subfolder per "
-                            "class, or with train/ and test/ holding those)")
-        train, test = self._files(root)
-        names = sorted({c for c, _ in train})
-        unknown = sorted({c for c, _ in test} - set(names))
-        if unknown:
-            raise DataError(f"{self.name}: test class folder(s) {', '.join(unknown)} have no training images "
-                            f"(training classes: {', '.join(names)})")
-        if self.limit and self.limit < len(train):
-            order = sorted(range(len(train)), key=lambda i: _unit_hash(train[i][1].relative_to(root).as_posix()))
-            train = [train[i] for i in sorted(order[: self.limit])]
-        index = {c: i for i, c in enumerate(names)}
-        files = [(index[c], p) for c, p in train + test]
+        names, train, test = self._listed()
+        files = train + test
         ok, hashes, sums = self._read_all([p for _, p in files])
         skipped = [p for (_, p), good in zip(files, ok) if not good]
         warnings = [f"{self.name}: skipped {len(skipped)} of {len(files)} image(s) that cannot be decoded "
@@ -455,19 +442,36 @@ class Folder(DataSource):
             raise DataError(f"{self.name}: class folder(s) {', '.join(names[k] for k in absent)} have no training "
                             f"image left after {' and '.join(causes) or 'the test split'}: every class needs one")
         fit, val = self._split(y_train, len(names), seed)
-        stats = _folder_stats(sums[keep_train[fit]], self.image_size) if self.normalize else {}
-        digest = hashlib.sha256(json.dumps(names).encode())
+        digest = hashlib.sha256(json.dumps(names).encode())  # the files' bytes and labels, in order, per split
         for split, kept in (("train", keep_train), ("test", keep_test)):
-            digest.update(f";{split}:{len(kept)};".encode())
-            for i in kept:
-                digest.update(int(y[i]).to_bytes(4, "little") + hashes[i])
+            digest.update(f";{split}:{len(kept)};".encode() + b"".join(int(y[i]).to_bytes(4, "little") + hashes[i]
+                                                                      for i in kept))
         paths = [str(p) for _, p in files]
         return FolderDataset(
             y_train[fit], y_train[val], y_test, len(names), files_train=[paths[i] for i in keep_train[fit]],
             files_val=[paths[i] for i in keep_train[val]], files_test=[paths[i] for i in keep_test],
             image_size=tuple(self.image_size), channels=self.channels, digest=digest.hexdigest()[:16],
-            warnings=warnings + self._coverage(len(names), y_train[val], y_test), source=str(root),
-            name=root.name or self.name, class_names=names, normalization=stats, **self._options(seed))
+            warnings=warnings + self._coverage(len(names), y_train[val], y_test), source=str(self.root()),
+            name=self.root().name or self.name, class_names=names, **self._options(seed),
+            normalization=_folder_stats(sums[keep_train[fit]], self.image_size) if self.normalize else {})
+
+    def _listed(self) -> tuple[list[str], list[tuple[int, Path]], list[tuple[int, Path]]]:
+        """The class names, and (label, file) of the training (data.limit of them) and the test images."""
+        root = self.root()
+        if not root.is_dir():
+            raise DataError(f"{self.name}: not a folder: {root} (set data.path to a folder of one subfolder per "
+                            "class, or with train/ and test/ holding those)")
+        train, test = self._files(root)
+        names = sorted({c for c, _ in train})
+        unknown = sorted({c for c, _ in test} - set(names))
+        if unknown:
+            raise DataError(f"{self.name}: test class folder(s) {', '.join(unknown)} have no training images "
+                            f"(training classes: {', '.join(names)})")
+        if self.limit and self.limit < len(train):  # a sample across classes, the same for every seed
+            order = sorted(range(len(train)), key=lambda i: _unit_hash(train[i][1].relative_to(root).as_posix()))
+            train = [train[i] for i in sorted(order[: self.limit])]
+        index = {c: i for i, c in enumerate(names)}
+        return names, [(index[c], p) for c, p in train], [(index[c], p) for c, p in test]
 
     def _read_all(self, paths: list[Path]) -> tuple[np.ndarray, list[bytes], np.ndarray]:
         """Every file read and decoded once, in parallel, keeping none: which decode (bool per file), the sha256

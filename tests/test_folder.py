@@ -101,7 +101,6 @@ def test_a_folder_data_set_holds_no_image_in_memory(tmp_path):
         import json, resource, numpy as np
         from pipeline.data import Folder
         from pipeline.stages import train
-from pipeline.verify import verify
 
         def read_all(path):
             data = Folder(path=path, image_size=[{side}, {side}], channels=3, normalize=True, augment=True).load(0)
