@@ -10,6 +10,7 @@ from keras import layers
 from pipeline.config import ConfigError
 from pipeline.models import VGGBN, ResNet, SeedCNN
 from pipeline.pruning import accounting
+from pipeline.pruning.channel import Channel
 from pipeline.pruning.filter import Filter
 from pipeline.pruning.graph import channel_groups, conv_layers
 from pipeline.pruning.hybrid import Hybrid
@@ -294,28 +295,208 @@ def test_measured_sparsity_grows_with_the_target(spec):
         assert measured[0] < measured[1] < measured[2], (method.name, measured)
 
 
-def _reaches_add(layer, model):
-    from pipeline.pruning.graph import consumers
+def test_channel_groups_on_resnet_couple_each_stage_through_its_additions():
+    model = ResNet(blocks=2, width=4).build((8, 8, 1), 10)
+    groups = {g.name: g for g in channel_groups(model)}
+    inner = [f"s{s}b{b}_1_conv" for s in (1, 2, 3) for b in (1, 2)]
+    for name in inner:  # a block's first conv: its filters, its BatchNorm, the second conv's input
+        assert groups[name].layers == [name, name.replace("_conv", "_bn"), name.replace("_1_", "_2_")]
+    stages = [g for g in groups.values() if g.name not in inner]
+    assert [sorted(s.layer.name for s in g.producers) for g in stages] == [
+        ["s1b1_2_conv", "s1b2_2_conv", "stem_conv"],
+        ["s2b1_2_conv", "s2b1_proj", "s2b2_2_conv"],
+        ["s3b1_2_conv", "s3b1_proj", "s3b2_2_conv"]]
+    assert "classifier" in stages[-1].layers  # rows of the classifier after global pooling
+    assert {c.name for c in conv_layers(model)} == {s.layer.name for g in groups.values() for s in g.producers}
 
-    frontier, seen = consumers(layer, model), set()
-    while frontier:
-        op = frontier.pop()
-        if type(op).__name__ == "Add":
-            return True
-        if id(op) not in seen and type(op).__name__ != "Conv2D":
-            seen.add(id(op))
-            frontier += consumers(op, model)
-    return False
+
+# --- channel: importance criteria, scope, round_to ----------------------------------------------
+
+def residual_model():
+    """c0 (4 filters) -> bn0 -> add(c0, c1(c0)) -> gap -> fc: c0 and c1 share one group of 4 channels;
+    c0's filters have L1 norms 4, 1, 3, 2 and c1's 1, 1, 1, 1 (L2 norms: 2, 1, 1.5, 1 and 0.5 each)."""
+    inputs = keras.Input((2, 2, 1))
+    x = layers.Conv2D(4, (2, 2), padding="same", use_bias=False, name="c0")(inputs)
+    x = layers.BatchNormalization(name="bn0")(x)
+    y = layers.Conv2D(4, 1, use_bias=False, name="c1")(x)
+    x = layers.Add(name="add")([x, y])
+    model = keras.Model(inputs, layers.Dense(2, name="fc")(layers.GlobalAveragePooling2D(name="gap")(x)))
+    k0 = np.zeros((2, 2, 1, 4), "float32")
+    k0[..., 0] = 1.0  # L1 4, L2 2
+    k0[0, 0, 0, 1] = 1.0  # L1 1, L2 1
+    k0[0, :, 0, 2] = 1.5  # L1 3, L2 2.12
+    k0[:, 0, 0, 3] = [1.0, 1.0]  # L1 2, L2 1.41
+    model.get_layer("c0").set_weights([k0])
+    model.get_layer("c1").set_weights([np.full((1, 1, 4, 4), 0.25, "float32")])
+    bn = model.get_layer("bn0")
+    bn.gamma.assign(B([0.5, 2.0, 1.0, 0.1], "float32"))
+    return model
 
 
-def test_channel_groups_on_resnet_skip_convs_feeding_additions():
-    model = ResNet(blocks=1, width=4).build((8, 8, 1), 10)
-    groups = channel_groups(model)
-    assert [g.name for g in groups] == ["s1b1_1_conv", "s2b1_1_conv", "s3b1_1_conv"]
-    tied = {c.name for c in conv_layers(model) if _reaches_add(c, model)}
-    assert tied == {c.name for c in conv_layers(model)} - {g.name for g in groups}
-    assert {"stem_conv", "s1b1_2_conv", "s2b1_proj", "s3b1_2_conv"} <= tied
-    for g in groups:
-        assert [c.name for c in g.convs_in] == [g.name.replace("_1_conv", "_2_conv")]
-        assert [b.name for b in g.norms] == [g.name.replace("_conv", "_bn")]
-        assert g.dense_in == []
+def channel_keep(masks):
+    return masks["c0/kernel"].reshape(-1, 4).all(axis=0)
+
+
+@pytest.mark.parametrize("importance, pruned", [
+    ("l1", [1, 3]),  # c0's L1 / mean 2.5 = 1.6, 0.4, 1.2, 0.8 plus c1's 1, 1, 1, 1
+    ("l2", [1, 3]),
+    ("bn", [0, 3]),  # |gamma| 0.5, 2, 1, 0.1
+    ("fpgm", [1, 3]),  # summed distances to the other filters 4.73, 4.31, 5.03, 4.29
+])
+def test_channel_importance_on_a_coupled_group(importance, pruned):
+    masks = Channel(importance=importance).masks(residual_model(), 0.5)
+    keep = np.ones(4, bool)
+    keep[pruned] = False
+    np.testing.assert_array_equal(channel_keep(masks), keep)
+    # every coupled weight follows: c1's filters and input rows, bn0's gamma and beta, fc's rows
+    np.testing.assert_array_equal(masks["bn0/gamma"], keep)
+    np.testing.assert_array_equal(masks["c1/kernel"][0, 0], np.outer(keep, keep))
+    np.testing.assert_array_equal(masks["fc/kernel"].all(axis=1), keep)
+
+
+def test_fpgm_scores_the_summed_distance_to_the_other_filters():
+    from pipeline.pruning.graph import channel_groups as groups
+    from pipeline.pruning.importance import FPGM
+
+    model = residual_model()
+    g = groups(model)[0]
+    scores = FPGM().layer_scores(g)
+    filters = model.get_layer("c0").kernel.numpy().reshape(4, 4).T
+    expected = [sum(np.linalg.norm(f - h) for h in filters) for f in filters]
+    np.testing.assert_allclose(scores[0], expected, rtol=1e-6)
+    assert np.allclose(scores[1], 0)  # c1's filters are all alike
+
+
+def test_channel_taylor_needs_data_and_scores_unused_channels_lowest(digits):
+    inputs = keras.Input(digits.input_shape)
+    x = layers.Conv2D(4, 3, padding="same", activation="relu", name="c0")(inputs)
+    x = layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, layers.Dense(digits.num_classes, activation="softmax", name="fc")(x))
+    fc = model.get_layer("fc")
+    k = fc.kernel.numpy()
+    k[[1, 2]] = 0.0  # channels 1 and 2 reach the output through zero weights: no gradient, no importance
+    fc.kernel.assign(k)
+    method = Channel(importance="taylor")
+    with pytest.raises(ValueError, match="taylor needs"):
+        method.masks(model, 0.5)
+    method.bind(digits)
+    np.testing.assert_array_equal(channel_keep_of(method.masks(model, 0.5), "c0/kernel"), [True, False, False, True])
+
+
+def channel_keep_of(masks, path):
+    m = masks[path]
+    return m.reshape(-1, m.shape[-1]).all(axis=0)
+
+
+def kept_channels(masks) -> dict[str, int]:
+    return {n: int(masks[p].sum()) for n, p in (("conv1", "bn1/gamma"), ("conv2", "bn2/gamma"), ("dense1", "dense1/bias"))}
+
+
+def test_channel_scope_global_ranks_every_group_together_and_never_empties_one():
+    keras.utils.set_random_seed(0)
+    model = VGGBN(widths=[4, 8], pool_after=[], hidden=8).build((4, 4, 1), 3)
+    masks = Channel(scope="global").masks(model, 0.5)
+    assert sum(kept_channels(masks).values()) == 20 - 10
+    assert kept_channels(Channel(scope="layer").masks(model, 0.5)) == {"conv1": 2, "conv2": 4, "dense1": 4}
+    # scores are normalised per layer: a layer's scale does not decide how much of it goes
+    conv1 = model.get_layer("conv1").kernel
+    conv1.assign(conv1.numpy() * 100)
+    assert kept_channels(Channel(scope="global").masks(model, 0.5)) == kept_channels(masks)
+    assert all(k >= 1 for k in kept_channels(Channel(scope="global").masks(model, 0.99)).values())
+
+
+@pytest.mark.parametrize("size, target, round_to, kept", [
+    (32, 0.5, 8, 16), (32, 0.6, 8, 16), (32, 0.7, 8, 16), (32, 0.8, 8, 8), (32, 0.99, 8, 8), (6, 0.5, 8, 6),
+    (16, 0.9, 1, 2), (16, 0.99, 1, 1)])
+def test_round_to_keeps_multiples_and_never_zero(size, target, round_to, kept):
+    from pipeline.pruning.channel import kept_count
+
+    # floor(0.6 * 32) = 19 pruned -> 13 kept -> rounded up to 16; never more pruned than the target says
+    assert kept_count(size, math.floor(target * size + 1e-9), round_to) == kept
+
+
+def test_channel_round_to_on_a_model():
+    model = VGGBN(widths=[16, 24], pool_after=[], hidden=8).build((4, 4, 1), 3)
+    assert kept_channels(Channel(round_to=8).masks(model, 0.6)) == {"conv1": 8, "conv2": 16, "dense1": 8}
+
+
+def test_channel_random_is_seeded_and_removed_channels_go_first():
+    model = residual_model()
+    a, b = (channel_keep(Channel(importance="random").masks(model, 0.5, seed=s)) for s in (1, 1))
+    np.testing.assert_array_equal(a, b)
+    assert len({tuple(channel_keep(Channel(importance="random").masks(model, 0.5, seed=s))) for s in range(8)}) > 1
+    # after pruning, the same masks come out again, whatever the criterion (pipeline.verify relies on it)
+    for importance in ("l1", "l2", "bn", "fpgm", "random"):
+        model = residual_model()
+        method = Channel(importance=importance)
+        masks = method.masks(model, 0.5, seed=3)
+        MaskedModel(model, masks).detach()
+        again = method.masks(model, 0.5, seed=3)
+        assert all(np.array_equal(again[p], masks[p]) for p in masks), importance
+
+
+@pytest.mark.parametrize("options", [{"importance": "l3"}, {"scope": "model"}, {"round_to": 0},
+                                     {"aggregate": "median"}])
+def test_bad_channel_options_raise_config_error(options):
+    with pytest.raises(ConfigError):
+        Channel(**options)
+
+
+def test_channel_config_composes_and_builds():
+    from conftest import compose_config
+    from pipeline.config import build
+
+    cfg = compose_config(["method=channel", "method.importance=fpgm", "method.scope=global", "method.round_to=8"])
+    method = build("method", cfg.method)
+    assert (method.name, method.importance, method.scope, method.round_to) == ("channel", "fpgm", "global", 8)
+
+
+# --- unstructured methods on every kernel kind --------------------------------------------------
+
+def every_kernel_model():
+    inputs = keras.Input((6, 6, 2))
+    x = layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    x = layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2, name="dw")(x)  # 8 channels
+    x = layers.SeparableConv2D(5, 3, padding="same", name="sep")(x)
+    x = layers.Conv2DTranspose(3, 3, strides=2, padding="same", name="tr")(x)  # 12x12
+    outputs = layers.Dense(2, name="fc")(layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, outputs)
+
+
+KERNELS = {"conv/kernel": (3, 3, 2, 4), "dw/kernel": (3, 3, 4, 2), "sep/depthwise_kernel": (3, 3, 8, 1),
+           "sep/pointwise_kernel": (1, 1, 8, 5), "tr/kernel": (3, 3, 3, 5), "fc/kernel": (3, 2)}
+
+
+@pytest.mark.parametrize("method, per_kernel", [(Magnitude(), False), (Magnitude(scope="layer"), True),
+                                                (Random(), False)], ids=["global", "layer", "random"])
+def test_unstructured_methods_cover_every_kernel(method, per_kernel):
+    masks = method.masks(every_kernel_model(), 0.5)
+    assert {p: m.shape for p, m in masks.items()} == KERNELS
+    sizes = [int(np.prod(s)) for s in KERNELS.values()]
+    expected = sum(n // 2 for n in sizes) if per_kernel else sum(sizes) // 2
+    assert sum(int((~m).sum()) for m in masks.values()) == expected
+
+
+def test_hybrid_prunes_within_each_filter_of_every_conv_kind():
+    model = every_kernel_model()
+    masks = Hybrid().masks(model, 0.5)
+    assert set(masks) == set(KERNELS) - {"fc/kernel"}
+    # a filter = the weights making one output channel
+    per_filter = {"conv/kernel": masks["conv/kernel"].reshape(-1, 4),  # 3*3*2 = 18 weights, 9 pruned
+                  "dw/kernel": masks["dw/kernel"].reshape(9, 8),  # one 3x3 per (input channel, multiplier)
+                  "sep/depthwise_kernel": masks["sep/depthwise_kernel"].reshape(9, 8),
+                  "sep/pointwise_kernel": masks["sep/pointwise_kernel"].reshape(8, 5),
+                  "tr/kernel": np.moveaxis(masks["tr/kernel"], 2, -1).reshape(-1, 3)}  # output axis 2
+    for path, m in per_filter.items():
+        assert (m.sum(axis=0) == m.shape[0] - m.shape[0] // 2).all(), path
+
+
+def test_accounting_counts_macs_of_every_kernel_kind():
+    rows = {r["layer"]: r for r in accounting.layer_rows(every_kernel_model())}
+    assert rows["conv"]["macs_dense"] == 3 * 3 * 2 * 4 * 36
+    assert rows["dw"]["macs_dense"] == 3 * 3 * 4 * 2 * 36
+    assert rows["sep"]["macs_dense"] == (3 * 3 * 8 + 8 * 5) * 36
+    assert rows["sep"]["shape"] == "3x3x8x1+1x1x8x5"
+    assert rows["tr"]["macs_dense"] == 3 * 3 * 5 * 3 * 36  # each input position scatters the whole kernel
+    assert rows["fc"]["macs_dense"] == 3 * 2
+    assert [r["conv"] for r in rows.values()] == [True, True, True, True, False]
