@@ -85,6 +85,7 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
         dense.set_weights(model.get_weights())
         run.metrics(test_metrics(model, data), prefix="baseline/")
 
+        method.bind(data)  # for criteria that score on a training batch (channel, importance=taylor)
         masked = prune(model, method, schedule.initial, cfg.seed)
         run.metrics(test_metrics(model, data) | {"sparsity": accounting.summary(model)["sparsity"]},
                     prefix="pruned/")

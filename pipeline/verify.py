@@ -119,6 +119,7 @@ def coverage_problems(model, masks: dict[str, np.ndarray], conf) -> list[str]:
     from pipeline.config import build
 
     method, schedule = build("method", conf.method), build("sparsity", conf.sparsity)
+    method.bind(build("data", conf.data).load(int(conf.seed)))  # as the run did (taylor scores on data)
     # Recomputed on the final model, the method picks the same masks as the run's last update: the
     # weights it pruned are exactly zero (mask_problems checks it), so they are the smallest by every
     # method's score (|w|, a filter's L1 norm, a channel's |gamma| or kernel norm) and are picked again,
