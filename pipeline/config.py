@@ -75,6 +75,9 @@ class Training:
         self.finetune.check("finetune")
         require(self.mixed_precision in (None, *self.PRECISIONS), "mixed_precision", self.mixed_precision,
                 f"null (float32) or one of {', '.join(self.PRECISIONS)}")
+        require(not (self.jit_compile and self.deterministic), "jit_compile", self.jit_compile,
+                "false or null while training.deterministic=true (Keras runs deterministic ops without XLA); "
+                "set training.deterministic=false for XLA")
 
 
 @dataclass

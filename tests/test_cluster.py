@@ -1,0 +1,149 @@
+"""Beyond one machine: a sweep through a real Ray head on 127.0.0.1 (2 workers) and through submitit's local
+executor; the GPU options (mixed precision, XLA) on CPU, with pruned weights exactly zero."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import compose_config
+from test_failures import free_port
+
+from pipeline import tracking
+from pipeline.config import ConfigError, validate
+
+PY = sys.executable
+SMOKE = ["training=smoke", "training.baseline.epochs=1", "training.finetune.epochs=1"]
+pytest.importorskip("ray", reason="the cluster extra: pip install -e '.[cluster]'")
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """`ray start --head` on loopback with 2 CPUs (2 workers), stopped with its process group at the end."""
+    port, tmp = free_port(), tmp_path_factory.mktemp("ray")
+    cmd = [str(Path(PY).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           f"--port={port}", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+           f"--temp-dir={tmp}"]
+    head = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    yield f"127.0.0.1:{port}"
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+
+
+def sweep(tmp_path, *args, env=None):
+    """python -m pipeline.run -m from a folder of its own, into a sqlite store there."""
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    full_env = {**os.environ, "PYTHONHASHSEED": "0", **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [PY, "-m", "pipeline.run", "-m", *SMOKE, "sparsity.target=0.3,0.5",
+           f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"hydra.sweep.dir={work}/multirun", *args]
+    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=900, env=full_env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    client = tracking.client(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("pruning").experiment_id])
+    return proc, client, runs
+
+
+def check_sweep(proc, client, runs):
+    """Two jobs FINISHED, one baseline, the report on the parent run, progress counted to the end."""
+    jobs = [r for r in runs if r.data.tags.get("config_hash")]
+    kinds = [r.data.tags.get("kind") for r in runs]
+    assert sorted(r.info.status for r in jobs) == ["FINISHED", "FINISHED"]
+    assert kinds.count("baseline") == 1 and kinds.count("sweep") == 1
+    (parent,) = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+    assert parent.info.status == "FINISHED"
+    assert {j.data.tags["mlflow.parentRunId"] for j in jobs} == {parent.info.run_id}
+    assert "results.md" in {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
+    out = proc.stdout + proc.stderr
+    assert "of 2] magnitude-0.30 finished" in out and "2 done" in out, out[-3000:]
+    assert "sweep done: 2 finished, 0 skipped" in out
+    return jobs
+
+
+def test_a_sweep_runs_on_a_ray_cluster_of_two_workers(ray_head, tmp_path):
+    proc, client, runs = sweep(tmp_path, "hydra/launcher=ray", env={"RAY_ADDRESS": ray_head})
+    jobs = check_sweep(proc, client, runs)
+    assert "Ray launcher: 2 jobs on 127.0.0.1" in proc.stdout + proc.stderr
+    pids = {j.data.tags["pid"] for j in jobs}
+    assert len(pids) == 2 and str(proc.pid) not in pids  # two Ray workers, not the sweep's process
+
+
+def test_a_sweep_runs_through_submitit(tmp_path):
+    """submitit_local: the SLURM launcher's code path (pickled jobs in their own processes) without SLURM."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    proc, client, runs = sweep(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=15")
+    check_sweep(proc, client, runs)
+
+
+def test_the_ray_launcher_passes_the_sweep_to_its_workers(monkeypatch):
+    """Workers of a cluster started before the sweep do not inherit its environment: each task carries it."""
+    from hydra_plugins.pipeline_ray_launcher.ray_launcher import RayLauncher
+    from omegaconf import OmegaConf
+
+    from pipeline.sweep import SWEEP_ENV
+
+    for name in SWEEP_ENV:
+        monkeypatch.setenv(name, f"value of {name}")
+    launcher = RayLauncher(remote=OmegaConf.create({"num_cpus": 1, "runtime_env": {"env_vars": {"A": "1"}}}))
+    options = launcher._options()
+    assert options["num_cpus"] == 1
+    assert options["runtime_env"]["env_vars"] == {"A": "1", **{k: f"value of {k}" for k in SWEEP_ENV}}
+
+
+# The GPU options, on CPU: they compose, and masks hold exactly.
+
+@pytest.mark.parametrize("policy, jit", [("mixed_float16", True), ("mixed_bfloat16", False)])
+def test_mixed_precision_and_xla_keep_pruned_weights_exactly_zero(policy, jit, digits):
+    import keras
+
+    from pipeline.pruning.magnitude import Magnitude
+    from pipeline.pruning.masks import MaskedModel
+    from pipeline.stages import train
+
+    from tensorflow.python.framework import config as tf_config
+
+    parts = validate(compose_config([*SMOKE, "model=seed_cnn", f"training.mixed_precision={policy}",
+                                     f"training.jit_compile={str(jit).lower()}", "training.deterministic=false"]))
+    deterministic = tf_config.is_op_determinism_enabled()  # an earlier job's: Keras would then skip XLA
+    tf_config.disable_op_determinism()
+    try:
+        train.configure(parts["training"])
+        model = parts["model"].build(digits.input_shape, digits.num_classes)
+        assert model.layers[1].compute_dtype == policy.split("_")[1] and model.layers[1].kernel.dtype == "float32"
+        train.compile_model(model, parts["training"].finetune)
+        assert model.jit_compile is jit
+        scaled = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        assert scaled == (policy == "mixed_float16")  # loss scaling for float16 only
+        masked = MaskedModel(model, Magnitude().masks(model, 0.7, 0))
+        train.fit(model, digits, parts["training"].finetune, "tiny")
+        for path, keep in masked.masks.items():
+            weight = masked.variables[path].numpy()
+            assert weight.dtype == np.float32 and np.all(weight[~keep] == 0), path
+            assert np.count_nonzero(weight[keep]) > 0.9 * keep.sum()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+        train.JIT_COMPILE = "auto"
+        if deterministic:
+            tf_config.enable_op_determinism()
+
+
+def test_precision_options_are_checked():
+    with pytest.raises(ConfigError, match=r"training\.mixed_precision='float16' is not allowed: null"):
+        validate(compose_config(["training.mixed_precision=float16"]))
+    with pytest.raises(ConfigError, match=r"training\.jit_compile=True is not allowed: .*deterministic=false"):
+        validate(compose_config(["training.jit_compile=true"]))
+
+
+def test_a_run_records_its_device_and_tensorflow_build():
+    tags = tracking.device_tags()
+    assert tags["device"] == "CPU"  # no GPU on these machines; on one, its name
+    assert tags["tf.version"] and "is_cuda_build" in json.loads(tags["tf.build"])
