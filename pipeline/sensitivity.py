@@ -1,7 +1,7 @@
 """python -m pipeline.sensitivity: how much each conv layer's validation accuracy suffers when only its
 filters are pruned, without fine-tuning (Li et al. 2017, sec. 4.1) -- and the per-layer rates that follow.
 
-For each layer with prunable filters (pipeline.pruning.graph.channel_groups) and each rate of
+For each layer with prunable filters (pipeline.pruning.filter.filter_groups) and each rate of
 sensitivity.ratios, the L1-norm method prunes that layer alone (Filter(ratios={layer: r}) at target 0),
 the accuracy on the validation split is measured, and the weights are restored. The rates are chosen on
 the validation split only: the test split gives the reported baseline/accuracy and nothing else. The
@@ -79,8 +79,7 @@ def scan(model, data, ratios) -> pd.DataFrame:
     import numpy as np
     import pandas as pd
 
-    from pipeline.pruning.filter import Filter
-    from pipeline.pruning.graph import channel_groups
+    from pipeline.pruning.filter import Filter, filter_groups
     from pipeline.pruning.masks import variables_by_path
 
     rates = sorted({0.0, *(float(r) for r in ratios)})
@@ -88,7 +87,7 @@ def scan(model, data, ratios) -> pd.DataFrame:
     original = model.get_weights()
     rows = []
     try:
-        for group in channel_groups(model):
+        for group in filter_groups(model):
             for rate in rates:
                 masks = Filter(ratios={group.name: rate}).masks(model, 0.0)
                 for path, mask in masks.items():
@@ -202,9 +201,9 @@ def run_scan(cfg: DictConfig, parts: dict, data, sens: Sensitivity, out_dir: Pat
 
 
 def _check_prunable(spec, data) -> None:
-    from pipeline.pruning.graph import channel_groups
+    from pipeline.pruning.filter import filter_groups
 
-    if not channel_groups(spec.build(data.input_shape, data.num_classes)):
+    if not filter_groups(spec.build(data.input_shape, data.num_classes)):
         raise ConfigError(f"model={spec.name} has no conv layer whose filters can be pruned on their own")
 
 

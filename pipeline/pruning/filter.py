@@ -20,6 +20,11 @@ def l1(group) -> np.ndarray:
     return sum(s.per_channel(group.size, lambda rows: np.abs(rows).sum(axis=1)) for s in group.producers)
 
 
+def filter_groups(model) -> list:
+    """The groups this method prunes: those a conv layer produces (sensitivity scans them too)."""
+    return [g for g in channel_groups(model) if g.convolutional]
+
+
 @dataclass
 class Filter(PruningMethod):
     name: str = "filter"
@@ -31,7 +36,7 @@ class Filter(PruningMethod):
             require(0 <= ratio < 1, f"ratios.{layer}", ratio, "a number in [0, 1)")
 
     def masks(self, model, target, seed=0):
-        groups = [g for g in channel_groups(model) if g.convolutional]
+        groups = filter_groups(model)
         unknown = set(self.ratios) - {g.name for g in groups}
         if unknown:
             raise ValueError(f"method.ratios names layers without prunable filters: {sorted(unknown)}; "
