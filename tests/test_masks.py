@@ -55,7 +55,8 @@ def test_finetune_keeps_pruned_weights_zero(few):
     model = SeedCNN().build(few.input_shape, few.num_classes)
     masked = prune(model, Magnitude(), 0.6, seed=0)
     before = {p: v.numpy().copy() for p, v in masked.variables.items()}
-    finetune(masked, few, Phase(epochs=1, lr=0.01), Magnitude(), OneShot(target=0.6), seed=0)
+    history = finetune(masked, few, Phase(epochs=1, lr=0.01), Magnitude(), OneShot(target=0.6), seed=0, audit=True)
+    assert history["pruned_nonzero"] == [0.0]  # counted inside the compiled loop after every step
     assert_pruned_are_zero(masked)
     kept = masked.masks["dense1/kernel"]
     assert not np.array_equal(masked.variables["dense1/kernel"].numpy()[kept], before["dense1/kernel"][kept])

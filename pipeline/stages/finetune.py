@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from pipeline.config import Phase
-from pipeline.pruning.callback import ScheduleMasks
 from pipeline.stages.train import fit, steps_per_epoch
 
 
-def finetune(masked, data, phase: Phase, method, schedule, seed: int) -> dict[str, list[float]]:
-    callbacks = []
-    if schedule.changes_masks:  # a per-batch callback costs a host sync each step: only when needed
-        total = steps_per_epoch(data, phase) * phase.epochs
-        callbacks.append(ScheduleMasks(masked, method, schedule, total, seed))
-    history = fit(masked.model, data, phase, "fine-tuning", callbacks=callbacks)
+def mask_updates(masked, method, schedule, total: int, seed: int) -> dict:
+    """{step: update} for each step at which the schedule recomputes the masks (before that step)."""
+    if not schedule.changes_masks:
+        return {}
+    rates = {step: rate for step in range(total) if (rate := schedule.update_at(step, total)) is not None}
+    return {step: (lambda rate=rate: masked.update(method.masks(masked.model, rate, seed)))
+            for step, rate in rates.items()}
+
+
+def finetune(masked, data, phase: Phase, method, schedule, seed: int, fast: bool = True,
+             audit: bool = False) -> dict[str, list[float]]:
+    """`fast`: several steps per compiled call (pipeline.stages.loop); else Keras's model.fit. Same results."""
+    updates = mask_updates(masked, method, schedule, steps_per_epoch(data, phase) * phase.epochs, seed)
+    history = fit(masked.model, data, phase, "fine-tuning", at_steps=updates, fast=fast, audit=audit)
     masked.apply()  # exact zeros even where a float multiply by 1.0 is not the identity
     return history

@@ -137,23 +137,44 @@ def validation_batches(data, batch_size: int):
     return data.batches("val", batch_size)
 
 
-def fit(model, data, phase: Phase, stage: str, callbacks=()) -> dict[str, list[float]]:
-    """Compile and fit for phase.epochs on the training split (a seeded tf.data pipeline: the same data.seed,
-    the same batches), validating on the validation split."""
-    compile_model(model, phase, steps_per_epoch(data, phase) * phase.epochs)
+def fit(model, data, phase: Phase, stage: str, callbacks=(), at_steps=None, fast: bool = True,
+        audit: bool = False) -> dict[str, list[float]]:
+    """Fit for phase.epochs on the training split (a seeded tf.data pipeline: the same data.seed, the same
+    batches), validating on the validation split. `at_steps[s]()` runs before global step s (e.g. a mask
+    update). Fast: pipeline.stages.loop (one compiled call per epoch, split at `at_steps`, compiled once per
+    process and structure); otherwise Keras's model.fit, one call per batch (at_steps from a callback)."""
     seed = (getattr(data, "seed", 0) + zlib.crc32(stage.encode())) % 2**31  # each stage its own order
-    history = model.fit(training_batches(data, phase.batch_size, seed), epochs=phase.epochs,
-                        validation_data=validation_batches(data, phase.batch_size), shuffle=False, verbose=0,
-                        callbacks=[StopOnNonFinite(stage), EpochSeconds(), Progress(stage, PROGRESS_AFTER_S),
-                                   *callbacks])
+    steps = steps_per_epoch(data, phase)
+    callbacks = [StopOnNonFinite(stage), EpochSeconds(), Progress(stage, PROGRESS_AFTER_S), *callbacks]
+    batches, val = training_batches(data, phase.batch_size, seed), validation_batches(data, phase.batch_size)
+    if fast:
+        from pipeline.stages import loop
+
+        return loop.run(model, batches, val, phase, steps, callbacks, at_steps, audit)
+    compile_model(model, phase, steps * phase.epochs)
+    history = model.fit(batches, epochs=phase.epochs, validation_data=val, shuffle=False, verbose=0,
+                        callbacks=[*callbacks, AtSteps(at_steps or {})])
     return {k: [float(v) for v in vals] for k, vals in history.history.items()}
+
+
+class AtSteps(keras.callbacks.Callback):
+    """Runs at_steps[s]() before global step s of a model.fit."""
+
+    def __init__(self, at_steps):
+        super().__init__()
+        self.at_steps, self.step = at_steps, 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.step in self.at_steps:
+            self.at_steps[self.step]()
+        self.step += 1
 
 
 def steps_per_epoch(data, phase: Phase) -> int:
     return int(np.ceil(data.sizes["train"] / phase.batch_size))
 
 
-def train_baseline(model, data, phase: Phase, method) -> dict[str, list[float]]:
+def train_baseline(model, data, phase: Phase, method, fast: bool = True) -> dict[str, list[float]]:
     """Train the dense model, with the method's training-time regularizer if it has one."""
     method.regularize(model)
-    return fit(model, data, phase, "baseline")
+    return fit(model, data, phase, "baseline", fast=fast)

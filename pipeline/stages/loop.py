@@ -1,0 +1,183 @@
+"""Compiled training loops: many optimizer steps per call, compiled once per process and model structure.
+
+Keras's `model.fit` calls one compiled step per batch from Python, and traces its step anew for every
+model it compiles. Here a fit makes one compiled call per epoch, split only at the steps where a
+sparsity schedule changes the masks, so masks change exactly at their steps. The step inside is Keras's
+own `train_step` (loss, regularization, loss scaling, metrics, the optimizer applying the mask
+constraints after every update), so the results are model.fit's.
+
+An Engine is a copy of a model with its optimizer, one mask variable per masked weight and the compiled
+loops. It is kept per model structure and training phase, and reused by every later fit of the same
+structure in this process (the jobs of a sweep): the model's variables, masks and a fresh optimizer
+state are loaded into it, and the trained variables copied back.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+
+import keras
+import numpy as np
+
+from pipeline.pruning.masks import MaskConstraint
+
+CACHE_SIZE = 8  # engines kept per process (each holds a copy of its model)
+_engines: collections.OrderedDict = collections.OrderedDict()
+
+
+def _masked_indices(model) -> tuple[int, ...]:
+    return tuple(i for i, v in enumerate(model.variables) if isinstance(v.constraint, MaskConstraint))
+
+
+def _regularizers(model) -> list:
+    return [getattr(v, "regularizer", None) for v in model.variables]
+
+
+def _key(model, phase, total_steps: int, audit: bool) -> str:
+    """What the compiled loops depend on: the structure, the variables' regularizers and masks, the
+    optimizer settings, the numerics. Not the weights, masks' values, epochs or batch size."""
+    opt = dataclasses.replace(phase, epochs=0, batch_size=0)
+    regs = [[i, type(r).__name__, r.get_config()] for i, r in enumerate(_regularizers(model)) if r is not None]
+    return json.dumps([model.to_json(), regs, _masked_indices(model), dataclasses.asdict(opt),
+                       total_steps if phase.schedule != "constant" else None, audit,
+                       keras.mixed_precision.global_policy().name, _jit()], default=str)
+
+
+def _jit():
+    from pipeline.stages import train
+
+    return getattr(train, "JIT_COMPILE", "auto")
+
+
+class Engine:
+    """A model's twin with its optimizer and compiled train and validation loops."""
+
+    def __init__(self, model, phase, total_steps: int, audit: bool = False):
+        import tensorflow as tf
+
+        from pipeline.stages.train import compile_model
+
+        self.twin = keras.models.clone_model(model)
+        mine = self.twin.variables
+        if [v.shape for v in mine] != [v.shape for v in model.variables]:
+            raise ValueError("the clone's variables differ from the model's")
+        for var, reg in zip(mine, _regularizers(model)):
+            if reg is not None:
+                var.regularizer = reg
+        self.masked = _masked_indices(model)
+        self.mask_vars = {}
+        for i in self.masked:
+            self.mask_vars[i] = keras.Variable(np.ones(mine[i].shape, mine[i].dtype), trainable=False,
+                                               name=f"mask_{i}")
+            mine[i].constraint = MaskConstraint(self.mask_vars[i])
+        compile_model(self.twin, phase, total_steps)
+        self.twin.optimizer.build(self.twin.trainable_variables)
+        self.fresh_optimizer = [v.numpy() for v in self.twin.optimizer.variables]
+        twin, pruned = self.twin, [(mine[i], self.mask_vars[i]) for i in self.masked]
+        step = twin.train_step
+        if twin.jit_compile:  # resolved by compile: XLA where it pays (GPU), never on CPU by default
+            step = tf.function(step, jit_compile=True)
+
+        def pruned_nonzero():
+            return tf.add_n([tf.math.count_nonzero(tf.cast(w, "float32") * (1 - tf.cast(m, "float32")))
+                             for w, m in pruned] or [tf.constant(0, tf.int64)])
+
+        @tf.function(reduce_retracing=True)
+        def train(iterator, n):
+            worst = tf.constant(0, tf.int64)
+            for _ in tf.range(n):
+                step(next(iterator))
+                if audit:  # the audit build checks every step that no pruned weight is non-zero
+                    worst = tf.maximum(worst, pruned_nonzero())
+            return twin.get_metrics_result(), worst
+
+        @tf.function(reduce_retracing=True)
+        def validate(dataset):
+            for batch in dataset:
+                twin.test_step(batch)
+            return twin.get_metrics_result()
+
+        self.train, self.validate, self.pruned_nonzero = train, validate, pruned_nonzero
+
+    def load(self, model, optimizer: bool) -> None:
+        """Copy the model's variables and masks in; with `optimizer`, reset its state to a fresh one's."""
+        for mine, theirs in zip(self.twin.variables, model.variables):
+            mine.assign(theirs)
+        self.load_masks(model)
+        if optimizer:
+            for var, value in zip(self.twin.optimizer.variables, self.fresh_optimizer):
+                var.assign(value)
+
+    def load_masks(self, model) -> None:
+        theirs = model.variables
+        for i, mask in self.mask_vars.items():
+            mask.assign(theirs[i].constraint.mask)
+
+    def store(self, model) -> None:
+        for theirs, mine in zip(model.variables, self.twin.variables):
+            theirs.assign(mine)
+
+
+def engine(model, phase, total_steps: int, audit: bool = False) -> Engine:
+    """The process's engine for this model structure and phase (made, and traced, on first use)."""
+    key = _key(model, phase, total_steps, audit)
+    if key in _engines:
+        _engines.move_to_end(key)
+    else:
+        _engines[key] = Engine(model, phase, total_steps, audit)
+        while len(_engines) > CACHE_SIZE:
+            _engines.popitem(last=False)
+    return _engines[key]
+
+
+def run(model, train_data, val_data, phase, steps_per_epoch: int, callbacks, at_steps=None,
+        audit: bool = False) -> dict[str, list[float]]:
+    """Fit `model` for phase.epochs of `steps_per_epoch` steps on `train_data` (iterated anew each epoch),
+    validating on `val_data` after each; `at_steps[s]()` runs before global step s with the model holding
+    the current weights (it may change them and the masks). Keras callbacks get epoch and test events and
+    one batch event per compiled call; the model holds the trained weights at every epoch end.
+    Returns the history (per epoch: loss, metrics, val_ metrics, whatever callbacks add to the logs;
+    `pruned_nonzero` with `audit`: the most pruned weights found non-zero after any step, i.e. 0)."""
+    import tensorflow as tf
+
+    at_steps = at_steps or {}
+    total = steps_per_epoch * phase.epochs
+    eng = engine(model, phase, total, audit)
+    eng.load(model, optimizer=True)
+    history = keras.callbacks.History()  # last: it records what the callbacks before it add to the logs
+    cbs = keras.callbacks.CallbackList([*callbacks, history], model=model, epochs=phase.epochs,
+                                       steps=steps_per_epoch, verbose=0)
+    model.stop_training = False
+    cbs.on_train_begin()
+    for epoch in range(phase.epochs):
+        eng.twin.reset_metrics()
+        cbs.on_epoch_begin(epoch)
+        iterator, first = iter(train_data), epoch * steps_per_epoch
+        bounds = sorted({first, first + steps_per_epoch} | {s for s in at_steps if first < s < first + steps_per_epoch})
+        worst = 0
+        for begin, end in zip(bounds, bounds[1:]):
+            if begin in at_steps:
+                eng.store(model)
+                at_steps[begin]()
+                eng.load(model, optimizer=False)
+            cbs.on_train_batch_begin(begin - first)
+            logs, nonzero = eng.train(iterator, tf.constant(end - begin))
+            worst = max(worst, int(nonzero))
+            cbs.on_train_batch_end(end - first - 1, logs)
+        logs = {k: float(v) for k, v in logs.items()}
+        eng.twin.reset_metrics()
+        cbs.on_test_begin()
+        val = {f"val_{k}": float(v) for k, v in eng.validate(val_data).items()}
+        cbs.on_test_end(val)
+        logs.update(val)
+        if audit:
+            logs["pruned_nonzero"] = worst
+        iter(train_data)  # model.fit opens one more iterator at each epoch's end: the same shuffles as it
+        eng.store(model)
+        cbs.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
+    cbs.on_train_end(logs)
+    return {k: [float(v) for v in values] for k, values in history.history.items()}

@@ -1,0 +1,107 @@
+"""The fast training path (pipeline.stages.loop: an epoch per compiled call, compiled once per process and
+structure) gives the results of the plain one (Keras's model.fit, one call per batch)."""
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline.config import Phase
+from pipeline.models import VGGBN, SeedCNN
+from pipeline.pruning.filter import Filter
+from pipeline.pruning.magnitude import Magnitude
+from pipeline.pruning.masks import MaskedModel, merge
+from pipeline.pruning.schedule import Gradual, OneShot
+from pipeline.stages import loop
+from pipeline.stages.finetune import finetune
+from pipeline.stages.prune import prune
+from pipeline.stages.train import train_baseline
+
+PHASE = Phase(epochs=2, batch_size=64, lr=0.01)
+
+
+@pytest.fixture(scope="module")
+def few(digits):
+    return dataclasses.replace(digits, x_train=digits.x_train[:384], y_train=digits.y_train[:384],
+                               x_val=digits.x_val[:64], y_val=digits.y_val[:64])
+
+
+@pytest.fixture(scope="module")
+def start(few):
+    keras.utils.set_random_seed(0)
+    return SeedCNN().build(few.input_shape, few.num_classes).get_weights()
+
+
+def job(few, start, schedule, fast, method=Magnitude()):
+    """One fine-tuning job from the same start: (history, weights, masks)."""
+    keras.utils.set_random_seed(0)
+    model = SeedCNN().build(few.input_shape, few.num_classes)
+    model.set_weights(start)
+    masked = prune(model, method, schedule.initial, seed=0)
+    history = finetune(masked, few, PHASE, method, schedule, seed=0, fast=fast)
+    return history, model.get_weights(), masked.masks
+
+
+def assert_same(a, b):
+    (ha, wa, ma), (hb, wb, mb) = a, b
+    assert ha.keys() == hb.keys()
+    for key in ha.keys() - {"seconds"}:
+        np.testing.assert_allclose(ha[key], hb[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    for x, y in zip(wa, wb, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    assert ma.keys() == mb.keys() and all(np.array_equal(ma[k], mb[k]) for k in ma)
+
+
+def test_fast_finetune_equals_model_fit(few, start):
+    """A gradual schedule: the compiled calls are split at each of its mask updates."""
+    schedule = Gradual(target=0.6, frequency=3)
+    assert_same(job(few, start, schedule, fast=True), job(few, start, schedule, fast=False))
+
+
+def test_a_second_job_reuses_the_compiled_loop_and_starts_afresh(few, start):
+    """The engine of the first job serves the second (no tracing), and the second job's results are what it
+    gets alone: weights, masks and optimizer state were reset between them."""
+    job(few, start, OneShot(target=0.3), fast=True)
+    engines = dict(loop._engines)
+    traced = {k: (e.train.experimental_get_tracing_count(), e.validate.experimental_get_tracing_count())
+              for k, e in engines.items()}
+    second = job(few, start, OneShot(target=0.7), fast=True)
+    assert loop._engines.keys() == engines.keys()
+    assert {k: (e.train.experimental_get_tracing_count(), e.validate.experimental_get_tracing_count())
+            for k, e in loop._engines.items()} == traced
+    assert_same(second, job(few, start, OneShot(target=0.7), fast=False))
+
+
+def test_baseline_fit_equals_model_fit(few):
+    """Dense training with a variable regularizer (slimming's L1 on BatchNorm scales) on both paths."""
+    from pipeline.pruning.slim import Slim
+
+    results = []
+    for fast in (False, True):
+        keras.utils.set_random_seed(1)
+        model = VGGBN(widths=[4, 8], pool_after=[1], hidden=16).build(few.input_shape, few.num_classes)
+        history = train_baseline(model, few, dataclasses.replace(PHASE, epochs=1), Slim(penalty_l1=0.01), fast=fast)
+        results.append((history, model.get_weights(), {}))
+    assert_same(*results)
+
+
+def test_pruned_weights_are_zero_after_every_step_of_the_compiled_loop(few):
+    """The audit build counts, inside the compiled loop after every optimizer step, the pruned weights
+    that are not zero; masks grow every 2 steps (BatchNorm scales and shifts among them); momentum would
+    move a pruned weight off zero without the constraint."""
+    keras.utils.set_random_seed(0)
+    model = VGGBN(widths=[4, 8], pool_after=[1], hidden=16).build(few.input_shape, few.num_classes)
+    method = Filter()
+    schedule = Gradual(target=0.5, initial_sparsity=0.2, end=0.8, frequency=2)
+    masked = MaskedModel(model, merge(method.masks(model, 0.2), Magnitude().masks(model, 0.2)))
+    phase = Phase(epochs=2, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9)
+    history = finetune(masked, few, phase, method, schedule, seed=0, audit=True)
+    assert history["pruned_nonzero"] == [0.0, 0.0]
+    assert (~masked.masks["bn1/gamma"]).sum() == 2  # the schedule reached its target: 2 of 4 channels
+    eng = loop.engine(model, phase, len(few.x_train) // 32 * 2, audit=True)
+    assert int(eng.pruned_nonzero()) == 0
+    i = [v.path for v in model.variables].index("bn1/gamma")
+    value = eng.twin.variables[i].numpy()
+    eng.twin.variables[i].assign(np.where(masked.masks["bn1/gamma"], value, 1.0))  # the counter does count
+    assert int(eng.pruned_nonzero()) == 2
