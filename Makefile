@@ -12,9 +12,12 @@ PYTHON_INFO := $(shell { $(PYTHON) -c 'import platform, sys; print(sys.executabl
   || PYENV_VERSION=$$(pyenv whence $(PYTHON) | tail -n 1) $(PYTHON) -c 'import platform, sys; print(sys.executable, platform.python_version())'; } 2>/dev/null)
 PYTHON_EXE := $(word 1,$(PYTHON_INFO))
 PYTHON_VERSION := $(word 2,$(PYTHON_INFO))
-VENV ?= .venv
+# GPU=1: TensorFlow built with CUDA (tensorflow[and-cuda], Linux x86_64 with an NVIDIA driver) instead of
+# tensorflow-cpu, in its own venv so that the two never mix: `make install GPU=1`, then e.g. `make sweep GPU=1`.
+GPU ?=
+VENV ?= $(if $(GPU),.venv-gpu,.venv)
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,optuna
+EXTRAS ?= dev,optuna,cluster
 comma := ,
 # pip constraints: the exact versions of everything installed (`make lock` writes them)
 LOCK := requirements.lock
@@ -56,6 +59,8 @@ endef
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(call venv,$(VENV),$(LOCK),$(EXTRAS))
+	$(if $(GPU),$(PY) -m pip uninstall --quiet -y tensorflow-cpu && $(PY) -m pip install --quiet -c $(LOCK) \
+	  "tensorflow[and-cuda]==$$(sed -n 's/^tensorflow-cpu==\([^ ;]*\).*/\1/p' $(LOCK))" || { rm -f $@; exit 1; })
 
 $(PEER_STAMP): pyproject.toml $(PEER_LOCK)
 	$(call venv,$(PEER_VENV),$(PEER_LOCK),peers)
@@ -76,6 +81,7 @@ bench: $(STAMP) $(PEER_STAMP)  ## benchmarks: shared baseline, overhead, structu
 	$(PY) -m pipeline.peers.ours --out benchmarks/ours.json
 	$(PY) -m pipeline.peers.compare --peer benchmarks/peer.json --ours benchmarks/ours.json --out benchmarks/peer.md
 	$(PY) -m pipeline.bench $(ARGS)
+	$(PY) -m pipeline.bench_cluster $(ARGS)
 	$(PY) -m pipeline.peers.real  # real data (Fashion-MNIST): its own section of BENCHMARKS.md, after bench rewrote it
 
 sensitivity: $(STAMP)  ## per-layer sensitivity scan for filter pruning (Li et al.); ARGS="model=vgg_bn"

@@ -255,14 +255,18 @@ class SweepCallback(Callback):
         """End the parent run; when interrupted, also the job runs that workers left RUNNING."""
         if not self.parent:
             return
-        if status == "KILLED":
-            for run in self.client.search_runs(
-                    [self.client.get_run(self.parent).info.experiment_id],
-                    f"tags.mlflow.parentRunId = '{self.parent}' and attributes.status = 'RUNNING'"):
-                self.client.set_tag(run.info.run_id, "error", "the sweep was interrupted")
-                self.client.set_terminated(run.info.run_id, "KILLED")
-        self.client.set_terminated(self.parent, status)
-        self.parent = None
+        parent, self.parent = self.parent, None
+        try:
+            if status == "KILLED":
+                for run in self.client.search_runs(
+                        [self.client.get_run(parent).info.experiment_id],
+                        f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
+                    self.client.set_tag(run.info.run_id, "error", "the sweep was interrupted")
+                    self.client.set_terminated(run.info.run_id, "KILLED")
+            self.client.set_terminated(parent, status)
+        except Exception as e:  # the store is away: the next job that starts on it closes the run
+            tracking.journal(self.client.tracking_uri, parent, "FAILED" if status == "FINISHED" else status,
+                             f"the sweep could not close its run: {type(e).__name__}: {e}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         results = read_results(results_file(config))
@@ -279,8 +283,10 @@ class SweepCallback(Callback):
                 frontier = log_frontier(self.client, self.parent, report.runs_frame(self.client, run_ids))
                 self.client.set_tag(self.parent, "mlflow.note.content", describe(config, len(results), frontier))
                 log.info("report: %s", out)
-            finally:
-                self._close_parent("FAILED" if failed else "FINISHED")
+            except BaseException:
+                self._close_parent("FAILED")  # without its report a sweep is never FINISHED
+                raise
+            self._close_parent("FAILED" if failed else "FINISHED")
         counts = {s: sum(r["status"] == s for r in results) for s in ("FINISHED", "SKIPPED", "FAILED")}
         log.info("sweep done: %d finished, %d skipped (already finished), %d failed", *counts.values())
         if failed:

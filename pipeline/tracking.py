@@ -282,7 +282,13 @@ class Run:
         if data.class_names:
             profile["class_names"] = list(data.class_names)
         entity = Dataset(data.name, data.digest, "local", json.dumps({"uri": data.source}), profile=json.dumps(profile))
-        self.client.log_inputs(self.id, [DatasetInput(entity, [InputTag("mlflow.data.context", "train")])])
+        inputs = [DatasetInput(entity, [InputTag("mlflow.data.context", "train")])]
+        try:
+            self.client.log_inputs(self.id, inputs)
+        except Exception as e:  # a tracking server creates a data set unguarded: two jobs that log the same
+            if "UNIQUE constraint" not in str(e) and "duplicate key" not in str(e):  # one at once, one fails
+                raise
+            self.client.log_inputs(self.id, inputs)  # it exists now: this links it
 
     def keras_model(self, model, example) -> None:
         """The model as an MLflow Logged model (Keras flavour, input signature inferred from `example`):

@@ -4,8 +4,10 @@ executor; the GPU options (mixed precision, XLA) on CPU, with pruned weights exa
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,9 @@ from pipeline import tracking
 from pipeline.config import ConfigError, validate
 
 PY = sys.executable
+# A Ray node on loopback only: without this Ray swaps 127.0.0.1 for the machine's network address; and no
+# token to share between the head and the sweep
+LOOPBACK_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
 SMOKE = ["training=smoke", "training.baseline.epochs=1", "training.finetune.epochs=1"]
 pytest.importorskip("ray", reason="the cluster extra: pip install -e '.[cluster]'")
 
@@ -28,7 +33,15 @@ def ray_head(tmp_path_factory):
     cmd = [str(Path(PY).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            f"--port={port}", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
            f"--temp-dir={tmp}"]
-    head = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, **LOOPBACK_RAY})
+    deadline = time.time() + 120
+    while head.poll() is None and time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            break
+        except OSError:
+            time.sleep(0.5)
     yield f"127.0.0.1:{port}"
     os.killpg(head.pid, signal.SIGTERM)
     try:
@@ -70,7 +83,7 @@ def check_sweep(proc, client, runs):
 
 
 def test_a_sweep_runs_on_a_ray_cluster_of_two_workers(ray_head, tmp_path):
-    proc, client, runs = sweep(tmp_path, "hydra/launcher=ray", env={"RAY_ADDRESS": ray_head})
+    proc, client, runs = sweep(tmp_path, "hydra/launcher=ray", env={"RAY_ADDRESS": ray_head, **LOOPBACK_RAY})
     jobs = check_sweep(proc, client, runs)
     assert "Ray launcher: 2 jobs on 127.0.0.1" in proc.stdout + proc.stderr
     pids = {j.data.tags["pid"] for j in jobs}
@@ -86,9 +99,9 @@ def test_a_sweep_runs_through_submitit(tmp_path):
 
 def test_the_ray_launcher_passes_the_sweep_to_its_workers(monkeypatch):
     """Workers of a cluster started before the sweep do not inherit its environment: each task carries it."""
-    from hydra_plugins.pipeline_ray_launcher.ray_launcher import RayLauncher
     from omegaconf import OmegaConf
 
+    from hydra_plugins.pipeline_ray_launcher.ray_launcher import RayLauncher
     from pipeline.sweep import SWEEP_ENV
 
     for name in SWEEP_ENV:
@@ -104,12 +117,11 @@ def test_the_ray_launcher_passes_the_sweep_to_its_workers(monkeypatch):
 @pytest.mark.parametrize("policy, jit", [("mixed_float16", True), ("mixed_bfloat16", False)])
 def test_mixed_precision_and_xla_keep_pruned_weights_exactly_zero(policy, jit, digits):
     import keras
+    from tensorflow.python.framework import config as tf_config
 
     from pipeline.pruning.magnitude import Magnitude
     from pipeline.pruning.masks import MaskedModel
     from pipeline.stages import train
-
-    from tensorflow.python.framework import config as tf_config
 
     parts = validate(compose_config([*SMOKE, "model=seed_cnn", f"training.mixed_precision={policy}",
                                      f"training.jit_compile={str(jit).lower()}", "training.deterministic=false"]))
