@@ -3,14 +3,15 @@
 Run with the peer venv only (tf_keras + tensorflow-model-optimization; `make bench` creates it):
 
     .venv-peers/bin/python -m pipeline.peers.tfmot --out benchmarks/peer.json [--seeds 0 --targets 0.5]
-        [--data fashion_mnist --data-limit 3000 --test-limit 2000]
+        [--data fashion_mnist --data-limit 2000 --test-limit 1000]
 
 TF-MOT works only with tf_keras (Keras 2) and switches the process to it on import, so this module
 imports nothing of the pipeline that imports Keras 3: only pipeline.data (numpy, scikit-learn) and
 pipeline.peers.common. The models are rebuilt here in tf_keras with the layers of pipeline/models.py
 (sizes read from conf/model/*.yaml); budgets come from conf/training/default.yaml and the ramp of the
 gradual schedule from conf/sparsity/gradual.yaml. --data names conf/data/<name>.yaml (digits by default);
---data-limit keeps the first N training examples (data.limit), --test-limit the first N test examples.
+--data-limit keeps the first N training examples (data.limit), --test-limit the first N test examples;
+--baseline-lr overrides the baseline's learning rate.
 
 Per model and seed: one dense baseline, then from it (a) a dense fine-tune (the step-time reference in
 this process), (b) one_shot = ConstantSparsity(target, begin_step=0), (c) gradual =
@@ -38,11 +39,12 @@ from pipeline.peers import common  # noqa: E402
 
 
 def data_options() -> argparse.Namespace:
-    """--data, --data-limit, --test-limit, taken out of sys.argv before common.parse reads the rest."""
+    """--data, --data-limit, --test-limit, --baseline-lr, taken out of sys.argv before common.parse reads the rest."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--data", default="digits", help="conf/data/<name>.yaml")
     p.add_argument("--data-limit", type=int, default=None, help="data.limit: the first N training examples")
     p.add_argument("--test-limit", type=int, default=None, help="score on the first N test examples")
+    p.add_argument("--baseline-lr", type=float, default=None, help="override the baseline's learning rate")
     options, sys.argv[1:] = p.parse_known_args()
     return options
 
@@ -135,6 +137,8 @@ def main() -> None:
 
     sp = tfmot.sparsity.keras
     base_phase, ft_phase = common.phases(args)
+    if options.baseline_lr:
+        base_phase["lr"] = options.baseline_lr
     ramp = common.gradual()
     source = data_source(options)
     Timer = common.make_step_timer(keras.callbacks.Callback)
