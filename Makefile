@@ -70,8 +70,8 @@ install: $(STAMP)  ## create .venv and install the locked versions (when missing
 run: $(STAMP)  ## one job on the defaults (digits, seed_cnn, magnitude 0.5); add ARGS="key=value ..."
 	$(PY) -m pipeline.run $(ARGS)
 
-sweep: $(STAMP)  ## the four methods over the default sparsity grid, then the report
-	$(PY) -m pipeline.run -m method=magnitude,filter,slim,hybrid $(ARGS)
+sweep: $(STAMP)  ## the four methods over the default sparsity grid, jobs in parallel on the cores, then the report
+	$(PY) -m pipeline.run -m hydra/launcher=joblib method=magnitude,filter,slim,hybrid $(ARGS)
 
 test: $(STAMP)  ## the whole test suite
 	$(PY) -m pytest $(ARGS)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 TARGET_GROUPS = ("data", "model", "method", "sparsity")
-TOP_LEVEL_KEYS = {"data", "model", "training", "method", "sparsity", "tracking", "seed", "hydra"}
+TOP_LEVEL_KEYS = {"data", "model", "training", "method", "sparsity", "tracking", "eval", "seed", "hydra"}
 SEED_LIMIT = 2**32  # numpy's and Keras's seeds are unsigned 32-bit integers
 PACKAGE = Path(__file__).resolve().parent
 WHERE_NOT_WHAT = {"path", "root", "download"}  # where data is found: its digest stands for what it is
@@ -96,7 +96,19 @@ class Tracking:
         require(self.claim_timeout > 0, "claim_timeout", self.claim_timeout, "a number of seconds > 0")
 
 
-PLAIN_SCHEMAS = {"training": Training, "tracking": Tracking}
+@dataclass
+class Eval:
+    """What the evaluate stage measures besides accuracy, sparsity, size and FLOPs."""
+
+    latency: str = "auto"  # auto: a physically shrunk model's (structured methods) only; always; never
+
+    LATENCY = ("auto", "always", "never")
+
+    def __post_init__(self):
+        require(self.latency in self.LATENCY, "latency", self.latency, ", ".join(self.LATENCY))
+
+
+PLAIN_SCHEMAS = {"training": Training, "tracking": Tracking, "eval": Eval}
 GROUP_BASES = {  # what a `_target_` of each group may name: a dataclass deriving from these
     "data": "pipeline.data.DataSource",
     "model": "pipeline.models.ModelSpec",

@@ -93,7 +93,8 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
         run.history("finetune", history)
         masked.detach()
         small, kept = shrink(model)
-        metrics = evaluate(model, data, dense_model=dense, small_model=small if kept else None)
+        metrics = evaluate(model, data, dense_model=dense, small_model=small if kept else None,
+                           latency=parts["eval"].latency)
         run.metrics(metrics, prefix="eval/")
         run.metrics(accounting.layer_sparsity(model))
 

@@ -114,6 +114,19 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def worker_threads(config: DictConfig, jobs: int | None) -> None:
+    """With the joblib launcher, the cores are divided among its workers: each worker's TensorFlow gets
+    cores // workers threads (TF_NUM_INTRAOP_THREADS and TF_NUM_INTEROP_THREADS, unless already set, are read
+    when TensorFlow starts in the worker), so parallel jobs do not oversubscribe the machine."""
+    if not str(config.hydra.launcher.get("_target_", "")).endswith("JoblibLauncher"):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n_jobs = int(config.hydra.launcher.get("n_jobs") or -1)  # joblib's: -1 all cores, -2 all but one, ...
+    workers = max(1, min(n_jobs if n_jobs > 0 else cores + 1 + n_jobs, jobs or cores))
+    for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+        os.environ.setdefault(name, str(max(1, cores // workers)))
+
+
 class Job:
     """One job of a sweep: announces itself and records how it ended. With Hydra's basic sweeper the
     sweep's callback knows the total and validated this job before any started; with another sweeper
@@ -202,6 +215,7 @@ class SweepCallback(Callback):
         track = parts[0]["tracking"]
         os.environ[TOTAL_ENV], os.environ[START_ENV] = str(len(jobs)) if basic else "", str(time.time())
         os.environ[SWEPT_ENV] = json.dumps(swept_keys(config))
+        worker_threads(config, len(jobs) if basic else None)
         self._claim(Path(config.hydra.sweep.dir))
         results_file(config).unlink(missing_ok=True)
         os.environ[RESULTS_ENV] = str(results_file(config).resolve())

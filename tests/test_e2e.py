@@ -18,7 +18,8 @@ def job(tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
     tmp = tmp_path_factory.mktemp("e2e")
-    proc = run_pipeline(["training=smoke", "sparsity.target=0.6", "training.finetune.epochs=2"], tmp)
+    proc = run_pipeline(["training=smoke", "sparsity.target=0.6", "training.finetune.epochs=2", "eval.latency=always"],
+                        tmp)
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     exp = client.get_experiment_by_name("pruning")
     runs = client.search_runs([exp.experiment_id])
@@ -80,7 +81,8 @@ def test_logged_sparsity_matches_model_and_masks(job, tmp_path):
 
 def test_rerun_of_same_config_is_skipped(job):
     tmp, client, runs, _ = job
-    proc = run_pipeline(["training=smoke", "sparsity.target=0.6", "training.finetune.epochs=2"], tmp)
+    proc = run_pipeline(["training=smoke", "sparsity.target=0.6", "training.finetune.epochs=2", "eval.latency=always"],
+                        tmp)
     assert "skipped" in proc.stdout + proc.stderr
     exp = client.get_experiment_by_name("pruning")
     assert len(client.search_runs([exp.experiment_id])) == len(runs)

@@ -105,3 +105,16 @@ def test_pruned_weights_are_zero_after_every_step_of_the_compiled_loop(few):
     value = eng.twin.variables[i].numpy()
     eng.twin.variables[i].assign(np.where(masked.masks["bn1/gamma"], value, 1.0))  # the counter does count
     assert int(eng.pruned_nonzero()) == 2
+
+
+def test_eval_latency_setting():
+    from conftest import compose_config
+
+    from pipeline.config import ConfigError, validate
+    from pipeline.stages.evaluate import measures_latency
+
+    assert validate(compose_config())["eval"].latency == "auto"
+    with pytest.raises(ConfigError, match="eval.latency='sometimes' is not allowed: auto, always, never"):
+        validate(compose_config(["eval.latency=sometimes"]))
+    assert [measures_latency(s, structured) for s in ("auto", "always", "never") for structured in (True, False)] \
+        == [True, False, True, True, False, False]

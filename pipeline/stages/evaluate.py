@@ -65,15 +65,22 @@ def paired_latency_ms(models: list, x: np.ndarray, repeats: int) -> list[float]:
 LATENCY_REPEATS = {1: 30, 256: 10}  # timed forward passes per model (a median of each)
 
 
-def evaluate(model, data, dense_model=None, small_model=None) -> dict[str, float]:
+def measures_latency(setting: str, structured: bool) -> bool:
+    """eval.latency: `auto` times only a physically shrunk model (a masked model runs the dense model's
+    arithmetic, so its latency says nothing new), `always` every job, `never` none."""
+    return setting == "always" or (setting == "auto" and structured)
+
+
+def evaluate(model, data, dense_model=None, small_model=None, latency: str = "auto") -> dict[str, float]:
     """The eval/ metrics: `model` is the masked model; `small_model` its shrunk form, if any.
     `accuracy` and `loss` are the final model's (the shrunk one where it exists), `masked_accuracy`
-    the masked model's, so that each logged model's accuracy can be checked."""
+    the masked model's, so that each logged model's accuracy can be checked. Latency of `dense_model`
+    against the final model as eval.latency says (see measures_latency)."""
     final = small_model if small_model is not None else model
     out = test_metrics(final, data)
     out["masked_accuracy"] = test_metrics(model, data)["accuracy"] if small_model is not None else out["accuracy"]
     out.update(weight_metrics(model, small_model))
-    if dense_model is not None:
+    if dense_model is not None and measures_latency(latency, small_model is not None):
         for batch, repeats in LATENCY_REPEATS.items():
             x = data.sample(batch).astype("float32")
             suffix = "" if batch == 1 else f"_b{batch}"
