@@ -328,10 +328,10 @@ def markdown(b: dict, ours: dict, peer: dict | None, peer_note: str, machine: di
         lines += ["", f"### Our magnitude pruning vs TF-MOT: within {MARGIN} points or better", "",
                   "Difference of the means over seeds (ours minus TF-MOT, points); per seed in brackets "
                   "(each side's seed s against the other's seed s). Each side prunes its own baseline, so the "
-                  "last column compares the points each lost from it (ours' drop minus TF-MOT's, negative: we "
+                  "last column compares the change from each side's own baseline (ours minus TF-MOT; negative: we "
                   "lost more), which takes the two baselines' difference out.", "",
                   "| model | ours vs TF-MOT | target | ours | TF-MOT | difference (pts) | target met "
-                  "| baselines ours - TF-MOT (pts) | drop ours - drop TF-MOT (pts) |",
+                  "| baselines ours - TF-MOT (pts) | change from own baseline, ours - TF-MOT (pts) |",
                   "|---|---|---:|---:|---:|---:|---|---:|---:|"]
         verdicts = []
         for model in b["models"]:
