@@ -235,3 +235,12 @@ def test_layer_rows_say_which_group_each_layer_is_pruned_with():
     model = keras.Model(inputs, head(layers.Add()([a, b])))
     rows = {r["layer"]: r["structured"] for r in accounting.layer_rows(model)}
     assert rows == {"a": "a", "b": "a", "head": "whole: reaches the model output"}
+
+
+def test_sequential_model(tmp_path):
+    model = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(6, 3, name="c1"), layers.BatchNormalization(),
+                              layers.ReLU(), layers.Conv2D(4, 3, name="c2"), layers.Flatten(),
+                              layers.Dense(5, name="fc"), layers.Dense(3, name="out")])
+    assert {g.name for g in channel_groups(model)} == {"c1", "c2", "fc"}
+    small, kept = check_surgery(model, tmp_path)
+    assert type(small) is keras.Sequential and kept == {"c1": 3, "c2": 2, "fc": 3}

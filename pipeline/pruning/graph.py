@@ -580,12 +580,13 @@ class Builder:
         self.walk(inner, inner_tensors)
         return [inner_tensors[id(t)] for t in inner.outputs]
 
-    def groups(self) -> list[ChannelGroup]:
-        roots = sorted({self.find(s) for s in range(len(self.parent))})
+    def groups(self) -> tuple[list[ChannelGroup], np.ndarray]:
+        """Every group (one per set of tied spaces, in order of their first space) and each space's group."""
+        root_of = np.array([self.find(s) for s in range(len(self.parent))], dtype=int)
+        roots = sorted(set(root_of.tolist()))
         groups = {r: ChannelGroup(self.names[r] or f"space{r}", self.sizes[r],
                                   reason="; ".join(dict.fromkeys(self.reasons[r])) if r in self.reasons else None)
                   for r in roots}
-        root_of = np.array([self.find(s) for s in range(len(self.parent))])
         for s in self.slices:
             owners = root_of[s.spaces]
             for r in set(owners.tolist()):
@@ -596,7 +597,8 @@ class Builder:
                 g.reason = "no producer"
             if g.reason is None and g.size < 2:
                 g.reason = "one channel"
-        return [groups[r] for r in roots]
+        position = {r: i for i, r in enumerate(roots)}
+        return [groups[r] for r in roots], np.array([position[r] for r in root_of], dtype=int)
 
 
 @dataclass
@@ -608,9 +610,6 @@ class Analysis:
     @property
     def prunable(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.reason is None]
-
-    def group_of(self, x) -> list[tuple[ChannelGroup, np.ndarray]]:
-        return [(self.groups[gi], x[1]) for gi in [self.root_of[s] for s in x[0]]]
 
     def structured(self) -> dict[str, str]:
         """Per layer: the group its output channels are pruned with, or why they are left whole."""
@@ -632,20 +631,10 @@ def analyze(model) -> Analysis:
     b.walk(graph, tensors)
     for t in graph.outputs:
         b.refuse(tensors[id(t)], "reaches the model output")
-    groups = b.groups()
-    index = {id(g): i for i, g in enumerate(groups)}
-    by_root = {b.find(s): None for s in range(len(b.parent))}
-    roots = sorted(by_root)
-    root_pos = {r: index[id(groups[i])] for i, r in enumerate(roots)}
-    root_of = np.array([root_pos[b.find(s)] for s in range(len(b.parent))], dtype=int)
+    groups, root_of = b.groups()
     return Analysis(groups, b.edits, root_of)
 
 
 def channel_groups(model) -> list[ChannelGroup]:
     """The groups of coupled channels that can be pruned (each with at least one producer)."""
     return analyze(model).prunable
-
-
-def consumers(layer, model) -> list:
-    ops = set(id(op) for op in model.operations)
-    return [node.operation for node in layer._outbound_nodes if id(node.operation) in ops]

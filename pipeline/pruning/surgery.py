@@ -15,11 +15,6 @@ import numpy as np
 from pipeline.pruning.graph import _functional, analyze, kernel_kinds
 
 
-def removable_channels(group) -> np.ndarray:
-    """True where every masked weight of the group's channel is exactly zero."""
-    return ~group.alive()
-
-
 def _edit_config(graph, config: dict, edits: dict) -> None:
     """Apply the config edits (layer id -> [fn(config)]) to this model's config and its nested models'."""
     layers = {op.name: op for op in graph.operations}
