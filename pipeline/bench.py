@@ -28,7 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ["magnitude", "filter", "slim", "hybrid"]
 QUICK_GRID = [0.3, 0.6, 0.9]
 STRUCTURED = {"methods": ["filter", "slim"], "target": 0.5, "model": "vgg_bn"}
-HOOKS = {"TensorFlow Model Optimization peer": "benchmarks/peer.md",  # written by other modules
+SPEED = "benchmarks/speed.md"  # section 4, written by bench_speed (also alone: --only speed)
+STEP_ARGS = ["--models", "seed_cnn", "--seeds", "0", "--targets", "0.5", "--baseline-epochs", "2"]
+STEP_ROUNDS = 2  # each side's step timing runs this many times, alternating, so both see the same load
+STEP_THREADS = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}  # both sides: a sweep worker's
+HOOKS = {"4. Speed: steps per compiled call, parallel jobs": SPEED,
+         "TensorFlow Model Optimization peer": "benchmarks/peer.md",  # written by other modules
          "Study reproduction": "benchmarks/study.md"}
 
 
@@ -72,11 +77,11 @@ def _installed(package: str) -> bool:
         return False
 
 
-def run(args: list[str], log: Path) -> float:
+def run(args: list[str], log: Path, env: dict | None = None) -> float:
     """Run a command (from the repo root), its output to `log`; return its wall time in seconds."""
     start = time.perf_counter()
     with open(log, "w") as f:
-        done = subprocess.run(args, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        done = subprocess.run(args, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"failed ({done.returncode}): {' '.join(args)}; see {log}")
@@ -252,6 +257,121 @@ def bench_structured(work: Path) -> dict:
     return {"cmd": show(cmd, work), "seconds": seconds, "rows": rows}
 
 
+# 4. speed: the step against TF-MOT's and Keras's, the default sweep against its training time
+
+def bench_speed(work: Path) -> dict:
+    """Side by side in this run: the fine-tuning step of seed_cnn on digits (ours masked, ours dense, plain
+    Keras model.fit of the dense model; TF-MOT's pruning step and tf_keras's dense fit in the peer venv),
+    alternating the two processes; then the default `make sweep` and the training time inside it."""
+    peer_py = REPO / ".venv-peers" / "bin" / "python"
+    steps: dict[str, list[dict]] = {"ours": [], "tfmot": []}
+    for r in range(STEP_ROUNDS):
+        for side, py in (("tfmot", peer_py), ("ours", Path(sys.executable))):
+            if not py.exists():
+                print(f"[speed] {py} missing (make {peer_py.parent.parent.name}): TF-MOT not timed", flush=True)
+                continue
+            out = work / f"step-{side}-{r}.json"
+            run([str(py), "-m", f"pipeline.peers.{side}", *STEP_ARGS, "--out", str(out)], work / f"{out.stem}.log",
+                STEP_THREADS)
+            steps[side].append({row["schedule"]: row["step_ms"] for row in json.loads(out.read_text())["rows"]
+                                if "step_ms" in row})
+            print(f"[speed] {side} round {r + 1}: {steps[side][-1]}", flush=True)
+    store = work / "speed"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    cmd = pipeline_cmd("hydra/launcher=joblib", f"method={','.join(METHODS)}", f"tracking.uri={uri}",
+                       f"hydra.sweep.dir={store / 'sweep'}", multirun=True)
+    print("[speed] the default sweep on the joblib launcher ...", flush=True)
+    load_before = _load()
+    wall = run(cmd, work / "speed-sweep.log")
+    from mlflow.tracking import MlflowClient
+
+    client, found = MlflowClient(uri), runs(uri, include_baselines=True)
+    jobs = [r for r in found if "time/finetune_seconds" in r.data.metrics]
+    finetune_s = sum(r.data.metrics["time/finetune_seconds"] for r in jobs)
+    baseline_s = sum(m.value for r in found if r.data.tags.get("kind") == "baseline"
+                     for m in client.get_metric_history(r.info.run_id, "train/seconds"))
+    print(f"[speed] sweep {wall:.1f}s; training in it {baseline_s + finetune_s:.1f}s", flush=True)
+    return {"steps": steps, "sweep_s": wall, "jobs": len(jobs), "finetune_s": finetune_s, "baseline_s": baseline_s,
+            "job_s": sum(r.data.metrics.get("time/job_seconds", 0) for r in jobs), "cmd": show(cmd, work),
+            "load_before": load_before, "load_after": _load(), "cores": len(os.sched_getaffinity(0))}
+
+
+def speed_markdown(speed: dict) -> str:
+    import statistics
+
+    def ms(side: str, schedule: str) -> float:
+        values = [r[schedule] for r in speed["steps"][side] if schedule in r]
+        return statistics.median(values) if values else float("nan")
+
+    masked = {s: ms("ours", s) for s in ("one_shot", "gradual")}
+    keras_fit, ours_dense = ms("ours", "keras_fit"), ms("ours", "dense")
+    tfmot = {s: ms("tfmot", s) for s in ("one_shot", "gradual")}
+    tf_keras = ms("tfmot", "dense")
+    fit_s = speed["baseline_s"] + speed["finetune_s"]
+    ratio = speed["sweep_s"] / fit_s
+    rounds = len(speed["steps"]["ours"])
+    lines = [f"Steps: seed_cnn on digits, fine-tuning batch 32 (conf/training/default.yaml), target 0.5; "
+             f"`python -m pipeline.peers.tfmot {' '.join(STEP_ARGS)}` in .venv-peers and `python -m "
+             f"pipeline.peers.ours` with the same arguments, run in turn {rounds} time(s) each (median "
+             "of the runs): ms per training step = each epoch's training part (start of the epoch to the start "
+             "of its validation) / its steps, median over epochs 2-15. Ours: masked fine-tuning as the pipeline "
+             "runs it (pipeline.stages.finetune: an epoch per compiled call, split at mask updates; masks held "
+             "inside every optimizer step); `keras_fit`: the same dense model with Keras's plain model.fit, same "
+             "batch size. TF-MOT: prune_low_magnitude + UpdatePruningStep with tf_keras. Both processes run with "
+             "one TensorFlow thread (TF_NUM_INTRAOP_THREADS=TF_NUM_INTEROP_THREADS=1), as each worker of the "
+             "sweep below does on 2 cores.", "",
+             "| step | ms |", "|---|---:|",
+             f"| ours masked, one_shot | {masked['one_shot']:.3f} |",
+             f"| ours masked, gradual (masks recomputed every 10 steps over 60% of fine-tuning) "
+             f"| {masked['gradual']:.3f} |",
+             f"| ours dense, fast path | {ours_dense:.3f} |",
+             f"| plain Keras 3 model.fit, dense | {keras_fit:.3f} |",
+             f"| TF-MOT pruning step, one_shot (ConstantSparsity) | {tfmot['one_shot']:.3f} |",
+             f"| TF-MOT pruning step, gradual (PolynomialDecay) | {tfmot['gradual']:.3f} |",
+             f"| tf_keras model.fit, dense | {tf_keras:.3f} |", ""]
+    worst_tfmot = max(masked[s] / tfmot[s] for s in masked)
+    worst_keras = max(masked[s] / keras_fit for s in masked)
+    lines += ["| ratio | one_shot | gradual | target |", "|---|---:|---:|---|",
+              f"| ours masked / TF-MOT (same schedule) | {masked['one_shot'] / tfmot['one_shot']:.2f}x "
+              f"| {masked['gradual'] / tfmot['gradual']:.2f}x | <= 0.5x: {verdict(worst_tfmot <= 0.5)} |",
+              f"| ours masked / plain Keras fit of the dense model | {masked['one_shot'] / keras_fit:.2f}x "
+              f"| {masked['gradual'] / keras_fit:.2f}x | <= 0.5x: {verdict(worst_keras <= 0.5)} |", "",
+              f"Sweep: the default `make sweep` ({speed['jobs']} jobs, joblib launcher, {speed['cores']} cores, TF "
+              "threads divided among the workers), into a fresh store:", "", f"    {speed['cmd']}", "",
+              "Training time = the `model.fit`-equivalent time inside that very sweep, read from its runs: the "
+              "baseline run's per-epoch `train/seconds` plus every job's `time/finetune_seconds` (the per-epoch "
+              "times of fine-tuning, validation included). Jobs run in parallel, so this sum of the workers' "
+              "training can exceed the wall time.", "",
+              "| part | seconds |", "|---|---:|",
+              f"| sweep wall time (process start to report) | {speed['sweep_s']:.1f} |",
+              f"| training inside it: baseline | {speed['baseline_s']:.1f} |",
+              f"| training inside it: fine-tuning of {speed['jobs']} jobs | {speed['finetune_s']:.1f} |",
+              f"| sum of the jobs' own times | {speed['job_s']:.1f} |",
+              f"| **ratio sweep wall / training** | **{ratio:.2f}x** |", "",
+              f"- Sweep wall / training <= 1.15x: {verdict(ratio <= 1.15)}.",
+              f"- The default sweep under 90 s on 2 cores: {verdict(speed['sweep_s'] < 90)} "
+              f"({speed['sweep_s']:.0f} s).",
+              f"- Load average (1 / 5 / 15 min) before the sweep: {speed['load_before']}; after: "
+              f"{speed['load_after']}. The machine was shared with other work while this ran: a load above "
+              f"{speed['cores']} means fewer cores than counted were ours, so absolute seconds are inflated; "
+              "the ratios are measured side by side in this one run."]
+    return "\n".join(lines) + "\n"
+
+
+def put_section(path: Path, title: str, rel: str) -> None:
+    """Replace the hooked section `rel` between its markers in path (or append it), leaving the rest."""
+    begin, end = f"<!-- begin: {rel} -->", f"<!-- end: {rel} -->"
+    block = f"{begin}\n## {title}\n\n{(REPO / rel).read_text().rstrip()}\n\n{end}\n"
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block
+    path.write_text(text)
+
+
 # BENCHMARKS.md
 
 def verdict(ok: bool) -> str:
@@ -394,7 +514,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"sparsity grid {QUICK_GRID}, not the default")
     parser.add_argument("--out", default="BENCHMARKS.md", help="the report's path (default BENCHMARKS.md)")
-    parser.add_argument("--only", choices=["sweep", "structured"], help="run one part only")
+    parser.add_argument("--only", choices=["sweep", "structured", "speed"],
+                        help="run one part only (speed: only its section of the report is rewritten)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary stores and logs")
     parser.add_argument("--render", metavar="DIR",
                         help="only rewrite the report from a work dir kept by --keep")
@@ -415,12 +536,20 @@ def main(argv: list[str] | None = None) -> None:
             overhead = bench_overhead(sweep, work)
         if args.only in (None, "structured"):
             structured = bench_structured(work)
+        if args.only in (None, "speed"):
+            (REPO / SPEED).write_text(speed_markdown(bench_speed(work)))
+            print(f"[bench] wrote {REPO / SPEED}", flush=True)
         saved = {"info": info, "argv": argv, "results": [sweep, overhead, structured]}
         (work / "results.json").write_text(json.dumps(saved, indent=1))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    write(Path(args.out), markdown(info, argv, sweep, overhead, structured))
+    out = Path(args.out) if Path(args.out).is_absolute() else REPO / args.out
+    if args.only == "speed":
+        put_section(out, next(t for t, rel in HOOKS.items() if rel == SPEED), SPEED)
+        print(f"[bench] wrote its section of {out}")
+        return
+    write(out, markdown(info, argv, sweep, overhead, structured))
 
 
 def write(out: Path, text: str) -> None:

@@ -77,37 +77,33 @@ def phases(args) -> tuple[dict, dict]:
 
 
 def make_step_timer(callback_base):
-    """A Callback (of the given Keras) recording the wall time of every training step.
+    """A Callback (of the given Keras) recording the training time per step of every epoch.
 
-    A step is timed from the end of the previous batch to the end of this one, so it includes whatever
-    other callbacks do around the step (TF-MOT's UpdatePruningStep, our ScheduleMasks); the loss is read
-    as a float at batch end so the step has finished. The first step of each epoch (iterator start) and
-    the whole first epoch (tracing) are left out.
+    An epoch's training part runs from its start to the start of its validation pass; divided by its steps,
+    it includes whatever other callbacks do around the steps (TF-MOT's UpdatePruningStep, our mask updates).
+    Timed per epoch, not per batch: a per-batch callback would itself force one call per step, the very cost
+    that several steps per compiled call remove. The first epoch (tracing) is left out.
     """
 
     class StepTimer(callback_base):
         def __init__(self):
             super().__init__()
             self.times: list[float] = []
-            self.epoch, self.last = 0, None
+            self.epoch, self.start = 0, None
 
         def on_epoch_begin(self, epoch, logs=None):
-            self.epoch, self.last = epoch, None
+            self.epoch, self.start = epoch, time.perf_counter()
 
-        def on_train_batch_end(self, batch, logs=None):
-            loss = (logs or {}).get("loss")
-            if loss is not None:
-                float(loss)
-            now = time.perf_counter()
-            if self.last is not None and self.epoch >= 1:
-                self.times.append((now - self.last) * 1000)
-            self.last = now
+        def on_test_begin(self, logs=None):
+            if self.start is not None and self.epoch >= 1:
+                self.times.append((time.perf_counter() - self.start) * 1000 / self.params["steps"])
+            self.start = None
 
         def summary(self) -> dict[str, float]:
             if not self.times:
                 return {"step_ms": float("nan"), "step_ms_mean": float("nan"), "steps_timed": 0}
             return {"step_ms": statistics.median(self.times), "step_ms_mean": statistics.fmean(self.times),
-                    "steps_timed": len(self.times)}
+                    "steps_timed": len(self.times) * self.params["steps"]}
 
     return StepTimer
 

@@ -4,9 +4,11 @@
 
 Same models (conf/model), data (conf/data/digits.yaml), budgets (conf/training/default.yaml), seeds and
 targets as pipeline.peers.tfmot; the stages and pruning code of the pipeline are called directly.
-Per model and seed: one dense baseline, then from it (a) a dense fine-tune without masks (the step-time
-reference), (b) one_shot and (c) gradual (conf/sparsity/gradual.yaml) magnitude pruning, whose masks
-are held by MaskedModel's constraints inside every optimizer step.
+Per model and seed: one dense baseline, then from it (a) a dense fine-tune with Keras's plain model.fit
+(`keras_fit`, one compiled call per batch: the step-time reference), (b) the same dense fine-tune on the
+pipeline's fast path (`dense`), (c) one_shot and (d) gradual (conf/sparsity/gradual.yaml) magnitude pruning
+as the pipeline fine-tunes (pipeline.stages.finetune: masks held by MaskedModel's constraints inside every
+optimizer step, several steps per compiled call).
 """
 
 from __future__ import annotations
@@ -42,10 +44,10 @@ def main() -> None:
     import tensorflow as tf
 
     from pipeline.pruning import accounting
-    from pipeline.pruning.callback import ScheduleMasks
     from pipeline.stages.evaluate import gzip_size, test_metrics
+    from pipeline.stages.finetune import finetune
     from pipeline.stages.prune import prune
-    from pipeline.stages.train import fit, steps_per_epoch, train_baseline
+    from pipeline.stages.train import fit, train_baseline
 
     base_dict, ft_dict = common.phases(args)
     base_phase, ft_phase = Phase(**base_dict), Phase(**ft_dict)
@@ -78,27 +80,22 @@ def main() -> None:
                          "size_gzip_bytes_pipeline": gzip_size(model),
                          "train_s": time.perf_counter() - started})
             print(f"{name} seed {seed}: baseline {b['accuracy']:.4f}", flush=True)
-            total = steps_per_epoch(data, ft_phase) * ft_phase.epochs
-            jobs = [("dense", 0.0)] + [(s, t) for t in args.targets for s in args.schedules]
+            jobs = [("keras_fit", 0.0), ("dense", 0.0)] + [(s, t) for t in args.targets for s in args.schedules]
             for schedule_name, target in jobs:
                 keras.utils.set_random_seed(seed)
                 m = spec.build(data.input_shape, data.num_classes)
                 m.set_weights(weights)
                 timer = Timer()
-                masked = None
-                callbacks = [timer]
-                if schedule_name != "dense":
+                started = time.perf_counter()
+                if schedule_name in ("keras_fit", "dense"):
+                    fit(m, data, ft_phase, "fine-tuning", [timer], fast=schedule_name == "dense")
+                else:
                     node = gradual_conf if schedule_name == "gradual" else one_shot_conf
                     schedule = build("sparsity", OmegaConf.merge(node, {"target": target}))
                     masked = prune(m, method, schedule.initial, seed)
-                    # pipeline.stages.finetune.finetune with a step timer added after its callback
-                    callbacks = [ScheduleMasks(masked, method, schedule, total, seed), timer]
-                started = time.perf_counter()
-                fit(m, data, ft_phase, "fine-tuning", callbacks=callbacks)
-                seconds = time.perf_counter() - started
-                if masked is not None:
-                    masked.apply()
+                    finetune(masked, data, ft_phase, method, schedule, seed, callbacks=[timer])
                     masked.detach()
+                seconds = time.perf_counter() - started
                 s = accounting.summary(m)
                 r = {**base, "schedule": schedule_name, "target": target, **test_metrics(m, data),
                      "sparsity": s["sparsity"], "conv_sparsity": s["conv_sparsity"],

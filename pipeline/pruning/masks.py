@@ -25,6 +25,30 @@ def variables_by_path(model) -> dict:
     return {v.path: v for v in model.weights}
 
 
+_assign = _where = None
+
+
+def assign_all(variables, values) -> None:
+    """variables[i] = values[i] (arrays or variables), in one compiled call: an eager assign each costs more
+    than a whole copy; traced once per list of shapes, whatever the variables."""
+    global _assign
+    if _assign is None:
+        import tensorflow as tf
+
+        _assign = tf.function(lambda dst, src: [d.assign(s) for d, s in zip(dst, src)])
+    _assign([v.value for v in variables], [getattr(x, "value", x) for x in values])
+
+
+def zero_pruned(variables, masks) -> None:
+    """Set to exactly 0 each element of variables[i] that the mask variable masks[i] prunes (is 0 in)."""
+    global _where
+    if _where is None:
+        import tensorflow as tf
+
+        _where = tf.function(lambda ws, ms: [w.assign(tf.where(m != 0, w, tf.zeros_like(w))) for w, m in zip(ws, ms)])
+    _where([v.value for v in variables], [m.value for m in masks])
+
+
 class MaskConstraint:
     """Multiplies a variable by its mask; the mask is a variable, so masks can change between steps."""
 
@@ -59,14 +83,12 @@ class MaskedModel:
     def update(self, masks: Masks) -> None:
         """Replace the masks (pruned weights stay pruned) and zero what they prune now."""
         self.masks = merge(self.masks, masks)
-        for path, m in self.masks.items():
-            self.mask_vars[path].assign(m.astype(self.mask_vars[path].dtype))
+        assign_all([self.mask_vars[p] for p in self.masks],
+                   [m.astype(self.mask_vars[p].dtype) for p, m in self.masks.items()])
         self.apply()
 
     def apply(self) -> None:
-        for path, m in self.masks.items():
-            var = self.variables[path]
-            var.assign(np.asarray(var.numpy()) * m)
+        zero_pruned([self.variables[p] for p in self.masks], [self.mask_vars[p] for p in self.masks])
 
     def detach(self) -> None:
         for path in self.masks:

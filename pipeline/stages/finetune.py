@@ -16,9 +16,9 @@ def mask_updates(masked, method, schedule, total: int, seed: int) -> dict:
 
 
 def finetune(masked, data, phase: Phase, method, schedule, seed: int, fast: bool = True,
-             audit: bool = False) -> dict[str, list[float]]:
+             audit: bool = False, callbacks=()) -> dict[str, list[float]]:
     """`fast`: several steps per compiled call (pipeline.stages.loop); else Keras's model.fit. Same results."""
     updates = mask_updates(masked, method, schedule, steps_per_epoch(data, phase) * phase.epochs, seed)
-    history = fit(masked.model, data, phase, "fine-tuning", at_steps=updates, fast=fast, audit=audit)
+    history = fit(masked.model, data, phase, "fine-tuning", callbacks, updates, fast, audit)
     masked.apply()  # exact zeros even where a float multiply by 1.0 is not the identity
     return history

@@ -21,7 +21,7 @@ import json
 import keras
 import numpy as np
 
-from pipeline.pruning.masks import MaskConstraint
+from pipeline.pruning.masks import MaskConstraint, assign_all
 
 CACHE_SIZE = 8  # engines kept per process (each holds a copy of its model)
 _engines: collections.OrderedDict = collections.OrderedDict()
@@ -103,21 +103,14 @@ class Engine:
 
     def load(self, model, optimizer: bool) -> None:
         """Copy the model's variables and masks in; with `optimizer`, reset its state to a fresh one's."""
-        for mine, theirs in zip(self.twin.variables, model.variables):
-            mine.assign(theirs)
-        self.load_masks(model)
-        if optimizer:
-            for var, value in zip(self.twin.optimizer.variables, self.fresh_optimizer):
-                var.assign(value)
-
-    def load_masks(self, model) -> None:
         theirs = model.variables
-        for i, mask in self.mask_vars.items():
-            mask.assign(theirs[i].constraint.mask)
+        assign_all([*self.twin.variables, *self.mask_vars.values()],
+                   [*theirs, *(theirs[i].constraint.mask for i in self.mask_vars)])
+        if optimizer:
+            assign_all(self.twin.optimizer.variables, self.fresh_optimizer)
 
     def store(self, model) -> None:
-        for theirs, mine in zip(model.variables, self.twin.variables):
-            theirs.assign(mine)
+        assign_all(model.variables, self.twin.variables)
 
 
 def engine(model, phase, total_steps: int, audit: bool = False) -> Engine:
