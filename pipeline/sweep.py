@@ -27,6 +27,8 @@ log = logging.getLogger("pipeline")
 TOTAL_ENV, START_ENV = "PIPELINE_SWEEP_TOTAL", "PIPELINE_SWEEP_START"
 SWEPT_ENV = "PIPELINE_SWEEP_KEYS"  # the keys the sweep varies (JSON): a job's start line names their values
 RESULTS_ENV = "PIPELINE_SWEEP_RESULTS"  # the absolute path of jobs.jsonl: workers may run in another folder
+PROGRESS = "progress"  # with a tracking server, each job's ending also goes there, on the parent run: workers
+#                        on machines that do not see the sweep's folder are counted too
 # What a job needs from its sweep's process, all in the environment: launchers whose workers do not inherit
 # it (a Ray cluster started before the sweep) pass these (conf/hydra/launcher/ray.yaml)
 SWEEP_ENV = (TOTAL_ENV, START_ENV, SWEPT_ENV, RESULTS_ENV, tracking.PARENT_ENV)
@@ -144,15 +146,29 @@ class Job:
             self.name = run_name(cfg.method.name, cfg.sparsity.target)
         except Exception:  # a config that cannot even name its run: validating it will say why
             self.name = f"job-{self.num + 1}"
+        try:
+            uri = tracking.resolve_uri(cfg.tracking.uri) if cfg.tracking.enabled else None
+        except Exception:  # as for the name
+            uri = None
+        self.server = uri if uri and not tracking.sqlite_path(uri) and os.environ.get(tracking.PARENT_ENV) else None
         swept = set(json.loads(os.environ.get(SWEPT_ENV) or "[]"))
         chosen = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
         log.info("%s %s started%s", self.label, self.name, f": {' '.join(chosen)}" if chosen else "")
 
     def _record(self, **entry) -> None:
         entry = {"job": self.num, "name": self.name, "seconds": round(time.time() - self.start, 2), **entry}
-        with open(results_file(), "a") as f:  # one short line per write: appends do not interleave
-            f.write(json.dumps(entry) + "\n")
-        done = len(read_results(results_file()))
+        path, done = results_file(), 0
+        if path.parent.is_dir():  # the sweep's folder, where this worker sees it (this machine, a shared disk)
+            with open(path, "a") as f:  # one short line per write: appends do not interleave
+                f.write(json.dumps(entry) + "\n")
+            done = len(read_results(path))
+        if self.server:
+            try:
+                client, parent = tracking.client(self.server), os.environ[tracking.PARENT_ENV]
+                client.log_text(parent, json.dumps(entry), f"{PROGRESS}/job-{self.num:05d}.json")
+                done = max(done, len(client.list_artifacts(parent, PROGRESS)))
+            except Exception as e:  # the server is away: the job's own run says what happened
+                log.warning("%s could not be counted on the sweep's run: %s", self.label, type(e).__name__)
         elapsed = time.time() - float(os.environ.get(START_ENV) or self.start)
         left = f", about {elapsed / done * (self.total - done):.0f}s left" if self.total and done else ""
         scored = f" (objective {entry['objective']:.4f})" if entry.get("objective") is not None else ""
@@ -282,8 +298,23 @@ class SweepCallback(Callback):
             tracking.journal(self.client.tracking_uri, parent, "FAILED" if status == "FINISHED" else status,
                              f"the sweep could not close its run: {type(e).__name__}: {e}")
 
+    def _results(self, config: DictConfig) -> list[dict[str, Any]]:
+        """How the jobs ended: from the sweep's folder and, with a tracking server, from the parent run."""
+        by_job = {r["job"]: r for r in read_results(results_file(config))}
+        if self.parent and not tracking.sqlite_path(self.client.tracking_uri):
+            import tempfile
+
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    if self.client.list_artifacts(self.parent, PROGRESS):
+                        folder = Path(self.client.download_artifacts(self.parent, PROGRESS, tmp))
+                        by_job |= {r["job"]: r for r in (json.loads(p.read_text()) for p in folder.glob("*.json"))}
+            except Exception as e:  # the server is away: what this machine saw (the report will fail anyway)
+                log.warning("the jobs' endings could not be read from the sweep's run: %s", type(e).__name__)
+        return [by_job[k] for k in sorted(by_job)]
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        results = read_results(results_file(config))
+        results = self._results(config)
         failed = [r for r in results if r["status"] == "FAILED"]
         if self.parent:
             from pipeline import report
