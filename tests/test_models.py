@@ -172,7 +172,8 @@ def test_mobilenetv2_on_digits_at_32_runs_a_magnitude_job_end_to_end(tmp_path, d
     paths = [[v.path for v in spec.build(digits.input_shape, 10).weights] for _ in range(2)]
     assert paths[0] == paths[1]  # stable names: weights are keyed by path
     result = run_in_process(tmp_path, ["model=application", "model.arch=MobileNetV2", "model.alpha=0.35",
-                                       "model.input_size=32", "method=magnitude", *SMOKE])
+                                       "model.input_size=32", "method=magnitude", *SMOKE,
+                                       "training.baseline.epochs=1", "data.limit=256"])  # the graph's tracing dominates
     client, _ = job_runs(tmp_path)
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
