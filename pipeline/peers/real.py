@@ -234,7 +234,7 @@ def job(spec, data, weights, method, schedule, phase, seed, dense) -> dict:
 def pct(values: list[float]) -> str:
     """'85.12 (84.90, 85.35)': the mean over seeds, then each seed's value, in %."""
     if not values:
-        return "n/a"
+        return "-"
     each = ", ".join(f"{100 * v:.2f}" for v in values)
     return f"{100 * statistics.fmean(values):.2f} ({each})" if len(values) > 1 else f"{100 * values[0]:.2f}"
 
@@ -296,7 +296,21 @@ def markdown(b: dict, ours: dict, peer: dict | None, peer_note: str, machine: di
     else:
         lines.append(f"- {peer_note}.")
     if failed:
-        lines.append(f"- **Failed**: {', '.join(failed)}; their results are missing below.")
+        lines.append(f"- **Did not finish**: {', '.join(failed)}; their missing results are blank below.")
+    for model in b["models"]:  # what was planned and what is here
+        planned = len(b["seeds"]) * len(targets) * sum(len(b["schedules"]) if n == "magnitude" else 1
+                                                       for n in names)
+        done = sum(1 for r in o if r["model"] == model and r["method"] != "baseline" and "accuracy" in r)
+        peer_done = sum(1 for r in p if r["model"] == model and r["schedule"] in b["schedules"])
+        peer_planned = len(b["seeds"]) * len(targets) * len(b["schedules"])
+        lines.append(f"- {model}: {done} of our {planned} jobs and {peer_done} of TF-MOT's {peer_planned} have "
+                     "results" + ("." if done == planned and (not peer or peer_done == peer_planned)
+                                  else " (**incomplete**)."))
+        dense = values(o, model=model, method="baseline", penalty="null")
+        if dense and statistics.fmean(dense) < 0.5:
+            lines.append(f"- **{model}'s baselines are not trained at this budget** ({pct(dense)}% test accuracy "
+                         "after the baseline epochs): its accuracies below compare undertrained models, not "
+                         "pruning methods; its FLOPs and latencies do not depend on training.")
     lines += ["", "### Accuracy after pruning and fine-tuning", "",
               "Test accuracy in %: the mean over seeds, then each seed's value in seed order. Baselines are "
               "each side's dense models before pruning.", "",
@@ -376,9 +390,12 @@ def markdown(b: dict, ours: dict, peer: dict | None, peer_note: str, machine: di
             lines.append(f"| {name} | {t} | {pct(values(o, **match))} | {f_dense:,.0f} | {f_small:,.0f} "
                          f"| {f_dense / f_small:.2f}x | {b1[0]:.2f} / {b1[1]:.2f} | {b1[0] / b1[1]:.2f}x "
                          f"| {b256[0]:.1f} / {b256[1]:.1f} | {b256[0] / b256[1]:.2f}x |")
-    unshrunk = [n for n in names if n not in structured]
+    ran = {r["method"] for r in o if r["model"] == "vgg_bn" and "accuracy" in r}
+    unshrunk = [n for n in names if n not in structured and n in ran]
     lines += ["", f"Not shrunk, so not timed: {', '.join(unshrunk)} (their zeros stay in dense tensors: "
               "no fewer operations at inference)." if unshrunk else ""]
+    if set(names) - ran:
+        lines.append(f"No vgg_bn results: {', '.join(n for n in names if n not in ran)}.")
     return "\n".join(lines).rstrip() + "\n"
 
 
