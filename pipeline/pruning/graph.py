@@ -291,7 +291,7 @@ class Depthwise(Rule):
             b.refuse(x, problem)
             return [b.source(t, problem) for t in node.output_tensors]
         out = b.repeat(x, layer.depth_multiplier)
-        b.claim(layer, "kernel", 2, x, "other")
+        b.claim(layer, "kernel", -2, x, "other")  # (*kernel size, input channels, multiplier)
         b.claim(layer, "bias", 0, out, "other")
         return [out]
 
