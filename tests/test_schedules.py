@@ -91,7 +91,8 @@ def test_finetune_reaches_exactly_the_target(few, schedule):
     expected = math.floor(0.7 * n)
     if schedule.name != "one_shot":
         assert accounting.summary(model)["sparsity"] < expected / n
-    finetune(masked, few, Phase(epochs=1, batch_size=64), Magnitude(), schedule, seed=0)
+    history = finetune(masked, few, Phase(epochs=1, batch_size=64), Magnitude(), schedule, seed=0, audit=True)
+    assert history["pruned_nonzero"] == [0.0]  # no pruned weight non-zero after any step, masks changing or not
     rows = accounting.layer_rows(model)
     assert sum(r["params"] - r["nonzero"] for r in rows) == expected
     assert accounting.summary(model)["sparsity"] == pytest.approx(expected / n, abs=1e-12)
