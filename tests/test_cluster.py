@@ -66,8 +66,9 @@ def sweep(tmp_path, *args, env=None):
     return proc, client, runs
 
 
-def check_sweep(proc, client, runs):
-    """Two jobs FINISHED, one baseline, the report on the parent run, progress counted to the end."""
+def check_sweep(proc, client, runs, job_logs=""):
+    """Two jobs FINISHED, one baseline, the report on the parent run, progress counted to the end (in the
+    sweep's output, or in the jobs' own logs where the launcher keeps them apart)."""
     jobs = [r for r in runs if r.data.tags.get("config_hash")]
     kinds = [r.data.tags.get("kind") for r in runs]
     assert sorted(r.info.status for r in jobs) == ["FINISHED", "FINISHED"]
@@ -77,7 +78,7 @@ def check_sweep(proc, client, runs):
     assert parent.info.status == "FINISHED"
     assert {j.data.tags["mlflow.parentRunId"] for j in jobs} == {parent.info.run_id}
     assert "results.md" in {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
-    out = proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr + job_logs
     assert "of 2] magnitude-0.30 finished" in out and "2 done" in out, out[-3000:]
     assert "sweep done: 2 finished, 0 skipped" in out
     return jobs
@@ -94,7 +95,8 @@ def test_a_sweep_runs_through_submitit(tmp_path):
     """submitit_local: the SLURM launcher's code path (pickled jobs in their own processes) without SLURM."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     proc, client, runs = sweep(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=15")
-    check_sweep(proc, client, runs)
+    logs = "".join(p.read_text() for p in (tmp_path / "work" / "multirun" / ".submitit").rglob("*.out"))
+    check_sweep(proc, client, runs, logs)
 
 
 def test_the_ray_launcher_passes_the_sweep_to_its_workers(monkeypatch):
