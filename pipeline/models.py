@@ -212,7 +212,9 @@ def _fitted_input(input_shape: tuple[int, ...], size: tuple[int, int], channels:
     inputs = keras.Input(input_shape, name=name)
     x = inputs
     if tuple(input_shape[:2]) != tuple(size):
-        x = layers.Resizing(*size, name=RESIZE)(x)
+        # training=None, not Resizing's default True, which a call without one would pass on to the layers after
+        # it (BatchNorm, Dropout would run in training mode)
+        x = layers.Resizing(*size, name=RESIZE)(x, training=None)
     if channels != input_shape[-1]:
         x = layers.Concatenate(axis=-1, name=TO_RGB)([x] * channels)
     return inputs, x

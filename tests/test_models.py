@@ -97,13 +97,14 @@ def test_input_size_resizes_and_triples_the_channels_inside_the_model(tmp_path, 
     from keras import layers
 
     rgb = small_cnn(shape=(16, 16, 3))
-    rgb = keras.Model(rgb.input, layers.Dense(10, name="logits")(rgb.get_layer("flat").output))
+    x = layers.BatchNormalization(name="bn")(rgb.get_layer("flat").output)  # stays in inference mode
+    rgb = keras.Model(rgb.input, layers.Dense(10, name="logits")(x))
     path = save(rgb, tmp_path / "rgb.keras")
     with pytest.raises(ConfigError, match=r"takes inputs of shape \(16, 16, 3\).*model.input_size=16"):
         FileModel(path=path).build(digits.input_shape, 10)
     model = FileModel(path=path, input_size=16).build(digits.input_shape, 10)
-    assert [layer.name for layer in model.layers] == ["pixels", "input_resize", "input_rgb", "conv", "flat", "logits",
-                                                      "probabilities"]
+    assert [layer.name for layer in model.layers] == ["pixels", "input_resize", "input_rgb", "conv", "flat", "bn",
+                                                      "logits", "probabilities"]
     x = digits.x_test[:4]
     grey = keras.layers.Resizing(16, 16)(x)
     expected = keras.ops.softmax(rgb(keras.ops.concatenate([grey] * 3, axis=-1)))
@@ -169,8 +170,10 @@ def test_the_application_list_is_keras_and_a_wrong_name_lists_it():
 
 def test_mobilenetv2_on_digits_at_32_runs_a_magnitude_job_end_to_end(tmp_path, digits):
     spec = Application(arch="MobileNetV2", alpha=0.35, input_size=32)
-    paths = [[v.path for v in spec.build(digits.input_shape, 10).weights] for _ in range(2)]
-    assert paths[0] == paths[1]  # stable names: weights are keyed by path
+    models = [spec.build(digits.input_shape, 10) for _ in range(2)]
+    assert [v.path for v in models[0].weights] == [v.path for v in models[1].weights]  # weights are keyed by path
+    x = digits.x_test[:4]  # the Resizing layer leaves the BatchNorm layers after it in inference mode
+    np.testing.assert_allclose(models[0](x), models[0](x, training=False), atol=1e-6)
     result = run_in_process(tmp_path, ["model=application", "model.arch=MobileNetV2", "model.alpha=0.35",
                                        "model.input_size=32", "method=magnitude", *SMOKE,
                                        "training.baseline.epochs=1", "data.limit=256"])  # the graph's tracing dominates
