@@ -329,7 +329,11 @@ def speed_markdown(speed: dict) -> str:
              f"| plain Keras 3 model.fit, dense | {keras_fit:.3f} |",
              f"| TF-MOT pruning step, one_shot (ConstantSparsity) | {tfmot['one_shot']:.3f} |",
              f"| TF-MOT pruning step, gradual (PolynomialDecay) | {tfmot['gradual']:.3f} |",
-             f"| tf_keras model.fit, dense | {tf_keras:.3f} |", ""]
+             f"| tf_keras model.fit, dense | {tf_keras:.3f} |", "",
+             "Each run's figures (ms, in the order they ran; the spread is the machine's load): " + "; ".join(
+                 f"{side} {i + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items())
+                 for i in range(rounds) for side in ("tfmot", "ours") if i < len(speed["steps"][side])
+                 for r in [speed["steps"][side][i]]) + ".", ""]
     worst_tfmot = max(masked[s] / tfmot[s] for s in masked)
     worst_keras = max(masked[s] / keras_fit for s in masked)
     lines += ["| ratio | one_shot | gradual | target |", "|---|---:|---:|---|",
@@ -521,6 +525,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="only rewrite the report from a work dir kept by --keep")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.render and args.only == "speed":  # section 4 alone, from a work dir kept by --only speed --keep
+        (REPO / SPEED).write_text(speed_markdown(json.loads((Path(args.render) / "speed.json").read_text())))
+        put_section(Path(args.out) if Path(args.out).is_absolute() else REPO / args.out,
+                    next(t for t, rel in HOOKS.items() if rel == SPEED), SPEED)
+        return
     if args.render:  # re-render from a kept work dir, e.g. once benchmarks/peer.md exists
         saved = json.loads((Path(args.render) / "results.json").read_text())
         write(Path(args.out), markdown(saved["info"], saved["argv"], *saved["results"]))
@@ -537,7 +546,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.only in (None, "structured"):
             structured = bench_structured(work)
         if args.only in (None, "speed"):
-            (REPO / SPEED).write_text(speed_markdown(bench_speed(work)))
+            speed = bench_speed(work)
+            (work / "speed.json").write_text(json.dumps(speed, indent=1))
+            (REPO / SPEED).write_text(speed_markdown(speed))
             print(f"[bench] wrote {REPO / SPEED}", flush=True)
         saved = {"info": info, "argv": argv, "results": [sweep, overhead, structured]}
         (work / "results.json").write_text(json.dumps(saved, indent=1))
