@@ -168,6 +168,10 @@ class RunStore:
             if not live:
                 run = self._claim(key)
                 if run is not None:
+                    model = self._load_finished(key)  # a trainer that finished between the two searches above
+                    if model is not None:
+                        self.client.delete_run(run.id)
+                        return model, key, False
                     return self._train(run, build, train, describe), key, True
             elif waiting != live[0].info.run_id:
                 waiting = live[0].info.run_id

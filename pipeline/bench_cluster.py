@@ -67,7 +67,7 @@ def ray_head(tmp: Path):
     port, bin_dir = _port(), Path(sys.executable).parent
     return service([str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                     f"--port={port}", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
-                    f"--temp-dir={tmp / 'ray'}"], port, "ray head", env=LOOPBACK_RAY)
+                    f"--temp-dir={tmp / 'ray-head'}"], port, "ray head", env=LOOPBACK_RAY)
 
 
 def mlflow_server(tmp: Path):
