@@ -76,7 +76,7 @@ sweep: $(STAMP)  ## the four methods over the default sparsity grid, jobs in par
 test: $(STAMP)  ## the whole test suite
 	$(PY) -m pytest $(ARGS)
 
-bench: $(STAMP) $(PEER_STAMP)  ## benchmarks: shared baseline, overhead, structured speedups (prints figures and ratios)
+bench: $(STAMP) $(PEER_STAMP)  ## benchmarks: shared baseline, overhead, structured speedups, speed vs TF-MOT (prints figures and ratios)
 	$(PEER_PY) -m pipeline.peers.tfmot --out benchmarks/peer.json
 	$(PY) -m pipeline.peers.ours --out benchmarks/ours.json
 	$(PY) -m pipeline.peers.compare --peer benchmarks/peer.json --ours benchmarks/ours.json --out benchmarks/peer.md
