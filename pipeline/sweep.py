@@ -328,9 +328,11 @@ class SweepCallback(Callback):
                 frontier = log_frontier(self.client, self.parent, report.runs_frame(self.client, run_ids))
                 self.client.set_tag(self.parent, "mlflow.note.content", describe(config, len(results), frontier))
                 log.info("report: %s", out)
-            except BaseException:
+            except Exception as e:  # raised, Hydra would only warn and exit 0
                 self._close_parent("FAILED")  # without its report a sweep is never FINISHED
-                raise
+                print(f"error: the sweep's report could not be written ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:300]}); the jobs' runs are in the store", file=sys.stderr)
+                sys.exit(1)
             self._close_parent("FAILED" if failed else "FINISHED")
         counts = {s: sum(r["status"] == s for r in results) for s in ("FINISHED", "SKIPPED", "FAILED")}
         log.info("sweep done: %d finished, %d skipped (already finished), %d failed", *counts.values())

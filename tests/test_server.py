@@ -161,7 +161,7 @@ def test_a_server_that_dies_mid_sweep_fails_the_jobs_and_the_rerun_completes_onc
     server.kill()
     out, _ = sweep.communicate(timeout=600)
     assert sweep.returncode == 1, out[-3000:]
-    assert "error: the tracking store failed" in out and "Traceback" not in out, out[-3000:]
+    assert "error: the sweep's report could not be written" in out and "Traceback" not in out, out[-3000:]
     server.restart()
     client, runs = runs_of("dies", server.uri)
     for run in runs:  # nothing FINISHED without its artifacts
