@@ -369,6 +369,12 @@ def markdown(b: dict, ours: dict, peer: dict | None, peer_note: str, machine: di
         lines += ["", f"Passed {len(verdicts) - len(failed)} of {len(verdicts)}"
                   + (": " + "; ".join(f"{m} {s} {t}: {d:+.2f}" for m, s, t, _, d in failed) + " short."
                      if failed else ".")]
+        scope = next((m.get("scope") for m in ours["meta"]["methods"] if m["name"] == "magnitude"), None)
+        if scope == "global":
+            lines += ["", "Not the same criterion: our magnitude method (scope=global) ranks all conv and dense "
+                         "weights together, so most zeros go to the large dense layer, while TF-MOT prunes every "
+                         "layer, the small convolutions included, to the target; `method.scope=layer` is the "
+                         "like-for-like setting (not run here)."]
     lines += ["", "### Structured methods on vgg_bn: FLOPs and latency", "",
               "Methods whose result surgery shrinks (channels removed). MACs per example of the shrunk model "
               "against the dense one; latency: median of 30 (batch 1) and 10 (batch 256) forward passes of a "
