@@ -107,7 +107,8 @@ def test_the_ray_launcher_passes_the_sweep_to_its_workers(monkeypatch):
     launcher = RayLauncher(remote=OmegaConf.create({"num_cpus": 1, "runtime_env": {"env_vars": {"A": "1"}}}))
     options = launcher._options()
     assert options["num_cpus"] == 1
-    assert options["runtime_env"]["env_vars"] == {"A": "1", **{k: f"value of {k}" for k in SWEEP_ENV}}
+    threads = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}  # TF as wide as the task
+    assert options["runtime_env"]["env_vars"] == {**threads, "A": "1", **{k: f"value of {k}" for k in SWEEP_ENV}}
 
 
 # The GPU options, on CPU: they compose, and masks hold exactly.

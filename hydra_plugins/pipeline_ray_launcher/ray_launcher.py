@@ -57,7 +57,10 @@ class RayLauncher(Launcher):
 
         options = OmegaConf.to_container(self.remote, resolve=True) if self.remote else {}
         runtime_env = options.setdefault("runtime_env", {}) or {}
-        runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}),
+        # TensorFlow uses as many threads as the task has CPUs: two tasks on two cores do not fight
+        threads = str(max(1, int(options.get("num_cpus") or 1)))
+        runtime_env["env_vars"] = {"TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": threads,
+                                   **(runtime_env.get("env_vars") or {}),
                                    **{k: os.environ[k] for k in SWEEP_ENV if k in os.environ}}
         options["runtime_env"] = runtime_env
         return options
