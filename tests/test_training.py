@@ -43,7 +43,7 @@ def rates(data, schedule, epochs=2, batch_size=32):
     seed_everything(0, True)
     record = LearningRates()
     train.fit(tiny_model(data), data, Phase(epochs=epochs, batch_size=batch_size, lr=0.01, schedule=schedule),
-              "t", callbacks=[record])
+              "t", callbacks=[record], fast=False)  # per-step callbacks: the fast path calls them once per call
     assert len(record.seen) == train.steps_per_epoch(data, Phase(batch_size=batch_size)) * epochs
     return record.seen
 
@@ -69,6 +69,19 @@ def test_step_schedule_divides_by_ten_at_half_and_three_quarters(few):
 def test_constant_schedule_is_the_default(few):
     assert Phase().schedule == "constant"
     assert rates(few, "constant", epochs=1) == pytest.approx([0.01] * 7)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_the_fast_path_follows_the_same_schedule(few, schedule):
+    phase = Phase(epochs=4, batch_size=32, lr=0.01, schedule=schedule)
+    weights = []
+    for fast in (True, False):
+        seed_everything(0, True)
+        model = tiny_model(few)
+        train.fit(model, few, phase, "t", fast=fast)
+        weights.append(model.get_weights())
+    for fast, plain in zip(*weights):
+        np.testing.assert_allclose(fast, plain, rtol=1e-6, atol=1e-7)
 
 
 def test_unknown_schedule_is_a_config_error():
