@@ -34,7 +34,8 @@ STEP_ROUNDS = 2  # each side's step timing runs this many times, alternating, so
 STEP_THREADS = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}  # both sides: a sweep worker's
 HOOKS = {"4. Speed: steps per compiled call, parallel jobs": SPEED,
          "TensorFlow Model Optimization peer": "benchmarks/peer.md",  # written by other modules
-         "Study reproduction": "benchmarks/study.md"}
+         "Study reproduction": "benchmarks/study.md",
+         "Real data: Fashion-MNIST, every method, next to TF-MOT": "benchmarks/real.md"}
 
 
 def default_grid() -> list[float]:

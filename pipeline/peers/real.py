@@ -34,6 +34,7 @@ from pathlib import Path  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from pipeline.baseline import seed_everything  # noqa: E402
+from pipeline.bench import HOOKS, put_section  # noqa: E402
 from pipeline.config import Phase, build  # noqa: E402
 from pipeline.data import DataError  # noqa: E402
 from pipeline.peers import common  # noqa: E402
@@ -46,7 +47,7 @@ from pipeline.stages.train import train_baseline  # noqa: E402
 REPO = common.CONF.parent
 PEER_PY = REPO / ".venv-peers" / "bin" / "python"
 SECTION = "benchmarks/real.md"
-TITLE = "Real data: Fashion-MNIST, every method, next to TF-MOT"
+TITLE = next(title for title, rel in HOOKS.items() if rel == SECTION)
 MARGIN = 0.5  # points: our magnitude pruning within this of TF-MOT, or better
 # What fits 2 shared cores in about half an hour (both sides, every method, both models).
 # (The gradual schedule over one short epoch would update its masks about 3 times: one-shot only.)
@@ -405,19 +406,6 @@ def markdown(b: dict, ours: dict, peer: dict | None, peer_note: str, machine: di
     return "\n".join(lines).rstrip() + "\n"
 
 
-def put_section(path: Path, body: str) -> None:
-    """Replace this section between its markers in path, or append it."""
-    begin, end = f"<!-- begin: {SECTION} -->", f"<!-- end: {SECTION} -->"
-    block = f"{begin}\n## {TITLE}\n\n{body.rstrip()}\n\n{end}\n"
-    text = path.read_text() if path.exists() else ""
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + block
-    path.write_text(text)
-
-
 def main() -> None:
     args = parse()
     b = budget(args)
@@ -450,9 +438,9 @@ def main() -> None:
         ours["meta"]["run"] = run
         common.write(args.ours_json, ours["meta"], ours["rows"])
     body = markdown(b, ours, peer, note, run, source, failed)
-    (REPO / SECTION).write_text(f"## {TITLE}\n\n{body}")
+    (REPO / SECTION).write_text(body)
     out = Path(args.out) if Path(args.out).is_absolute() else REPO / args.out
-    put_section(out, body)
+    put_section(out, TITLE, SECTION)
     print(f"[real] wrote {SECTION} and its section of {out}", flush=True)
 
 
