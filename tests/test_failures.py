@@ -164,8 +164,11 @@ def test_ctrl_c_ends_a_joblib_sweep_with_one_line_and_killed_runs(tmp_path):
            f"hydra.sweep.dir={tmp_path}/multirun"]
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    # a terminal's default Ctrl-C: a shell without job control starts background jobs (a CI runner's) with
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
+                            env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     client = None
     deadline, running = time.time() + 180, []
     while time.time() < deadline and len(running) < 2:
