@@ -19,12 +19,11 @@ def randomize(model, seed=0):
     rng = np.random.default_rng(seed)
     for var in model.weights:
         name = var.path.rsplit("/", 1)[-1]
-        n = var.shape
-        values = {"gamma": lambda: rng.uniform(0.5, 1.5, n), "beta": lambda: rng.normal(0, 0.2, n),
-                  "moving_mean": lambda: rng.normal(0, 0.2, n), "moving_variance": lambda: rng.uniform(0.5, 2, n),
-                  "bias": lambda: rng.normal(0, 0.2, n)}.get(name)
+        values = {"gamma": lambda n: rng.uniform(0.5, 1.5, n), "beta": lambda n: rng.normal(0, 0.2, n),
+                  "moving_mean": lambda n: rng.normal(0, 0.2, n), "moving_variance": lambda n: rng.uniform(0.5, 2, n),
+                  "bias": lambda n: rng.normal(0, 0.2, n)}.get(name)
         if values is not None:
-            var.assign(values().astype("float32"))
+            var.assign(values(var.shape).astype("float32"))
     return model
 
 

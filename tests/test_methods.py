@@ -389,7 +389,8 @@ def channel_keep_of(masks, path):
 
 
 def kept_channels(masks) -> dict[str, int]:
-    return {n: int(masks[p].sum()) for n, p in (("conv1", "bn1/gamma"), ("conv2", "bn2/gamma"), ("dense1", "dense1/bias"))}
+    owners = (("conv1", "bn1/gamma"), ("conv2", "bn2/gamma"), ("dense1", "dense1/bias"))
+    return {n: int(masks[p].sum()) for n, p in owners}
 
 
 def test_channel_scope_global_ranks_every_group_together_and_never_empties_one():
@@ -444,6 +445,7 @@ def test_bad_channel_options_raise_config_error(options):
 
 def test_channel_config_composes_and_builds():
     from conftest import compose_config
+
     from pipeline.config import build
 
     cfg = compose_config(["method=channel", "method.importance=fpgm", "method.scope=global", "method.round_to=8"])
