@@ -73,6 +73,26 @@ def test_a_second_job_reuses_the_compiled_loop_and_starts_afresh(few, start):
     assert_same(second, job(few, start, OneShot(target=0.7), fast=False))
 
 
+def test_jobs_share_the_compiled_loops_whatever_their_models_were_compiled_with(few, start):
+    """A model compiled before (a loaded baseline, a model.evaluate) carries an optimizer named anew in each
+    job (rm_sprop_1, rm_sprop_2, ...): neither the training engine nor the test evaluator may depend on it,
+    and the evaluator gives what model.evaluate gives."""
+    from pipeline.stages import evaluate
+
+    traced = []
+    for target in (0.3, 0.6):
+        model = SeedCNN().build(few.input_shape, few.num_classes)
+        model.set_weights(start)
+        model.compile(optimizer=keras.optimizers.RMSprop(), loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+        finetune(prune(model, Magnitude(), target, seed=0), few, PHASE, Magnitude(), OneShot(target), seed=0)
+        accuracy = evaluate.test_metrics(model, few)["accuracy"]
+        assert accuracy == model.evaluate(few.batches("test", 256), verbose=0)[1]
+        traced.append(({k: e.train.experimental_get_tracing_count() for k, e in loop._engines.items()},
+                       {k: e.run.experimental_get_tracing_count() for k, e in evaluate._evaluators.items()}))
+    assert traced[0] == traced[1]
+
+
 def test_baseline_fit_equals_model_fit(few):
     """Dense training with a variable regularizer (slimming's L1 on BatchNorm scales) on both paths."""
     from pipeline.pruning.slim import Slim

@@ -35,12 +35,18 @@ def _regularizers(model) -> list:
     return [getattr(v, "regularizer", None) for v in model.variables]
 
 
+def structure(model) -> str:
+    """The model's architecture: its class and layer config, not how it was compiled (model.to_json()
+    names the optimizer a loaded model was saved with, e.g. `rm_sprop_2`, anew in each job)."""
+    return json.dumps([type(model).__name__, model.get_config()], default=str)
+
+
 def _key(model, phase, total_steps: int, audit: bool) -> str:
     """What the compiled loops depend on: the structure, the variables' regularizers and masks, the
     optimizer settings, the numerics. Not the weights, masks' values, epochs or batch size."""
     opt = dataclasses.replace(phase, epochs=0, batch_size=0)
     regs = [[i, type(r).__name__, r.get_config()] for i, r in enumerate(_regularizers(model)) if r is not None]
-    return json.dumps([model.to_json(), regs, _masked_indices(model), dataclasses.asdict(opt),
+    return json.dumps([structure(model), regs, _masked_indices(model), dataclasses.asdict(opt),
                        total_steps if phase.schedule != "constant" else None, audit,
                        keras.mixed_precision.global_policy().name, _jit()], default=str)
 
