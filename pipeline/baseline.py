@@ -39,7 +39,7 @@ def baseline_spec(ident: dict[str, Any], penalty: dict | None, pretrained: bool 
                 if ident["training"].get(k) is not None}  # set: another model (unset: the hashes stay)
     return {**{k: ident[k] for k in ("data", "model", "seed", "data_digest", "code_version")},
             "training": ident["training"]["baseline"], "deterministic": ident["training"]["deterministic"],
-            "penalty": penalty, **numerics}
+            "bn_recalibration": ident["training"]["bn_recalibration"], "penalty": penalty, **numerics}
 
 
 def _sha256(path: Path) -> str:
@@ -106,6 +106,9 @@ def for_job(conf: dict[str, Any], parts: dict, data, client, exp_id, uri: str):
     else:
         spec_b = baseline_spec(ident, method.penalty(build()))
 
+    def train(model):  # and recalibrate its BatchNorm (a pretrained file: neither)
+        return train_baseline(model, data, phase, method, bn_recalibration=parts["training"].bn_recalibration)
+
     def describe(b, trained, history, path):  # what a baseline run holds
         b.params(tracking.params_of(spec_b))
         b.history("train", history)  # per epoch; baseline/* holds the test-set figures
@@ -113,8 +116,7 @@ def for_job(conf: dict[str, Any], parts: dict, data, client, exp_id, uri: str):
         b.artifact(path, "model")
 
     if client is not None and tracking.sqlite_path(uri) is None:  # a tracking server: nothing else is shared
-        return RunStore(client, exp_id, parts["tracking"].claim_timeout).obtain(
-            spec_b, build, lambda m: train_baseline(m, data, phase, method), describe)
+        return RunStore(client, exp_id, parts["tracking"].claim_timeout).obtain(spec_b, build, train, describe)
 
     def log_run(key, trained, history, path):
         if client is None:
@@ -122,8 +124,7 @@ def for_job(conf: dict[str, Any], parts: dict, data, client, exp_id, uri: str):
         with tracking.Run(client, exp_id, f"baseline-{key[:8]}", {"kind": "baseline", "baseline_hash": key}) as b:
             describe(b, trained, history, path)
 
-    return obtain(spec_b, tracking.store_dir(uri) / "baselines", build,
-                  lambda m: train_baseline(m, data, phase, method), log_run)
+    return obtain(spec_b, tracking.store_dir(uri) / "baselines", build, train, log_run)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -67,6 +67,8 @@ class Training:
     deterministic: bool = True
     mixed_precision: str | None = None  # Keras dtype policy: mixed_float16 (loss scaling) or mixed_bfloat16
     jit_compile: bool | None = None  # XLA; None: Keras decides (on a GPU when the model supports it)
+    # after each phase, BatchNorm statistics recomputed on this many training images (0: off)
+    bn_recalibration: int = 4096
 
     PRECISIONS = ("mixed_float16", "mixed_bfloat16")
 
@@ -78,6 +80,8 @@ class Training:
         require(not (self.jit_compile and self.deterministic), "jit_compile", self.jit_compile,
                 "false or null while training.deterministic=true (Keras runs deterministic ops without XLA); "
                 "set training.deterministic=false for XLA")
+        require(self.bn_recalibration >= 0, "bn_recalibration", self.bn_recalibration,
+                "an integer >= 0 (training images whose batch statistics become BatchNorm's; 0: off)")
 
 
 @dataclass

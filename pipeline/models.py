@@ -131,10 +131,12 @@ class ResNet(ModelSpec):
     name: str = "resnet"
     blocks: int = 3
     width: int = 16
+    input_size: int | None = None  # images resized to input_size x input_size inside the model
 
     def __post_init__(self):
         require(self.blocks > 0, "blocks", self.blocks, "an integer > 0")
         require(self.width > 0, "width", self.width, "an integer > 0")
+        _size(self.input_size)
 
     def build(self, input_shape, num_classes):
         import keras
@@ -145,8 +147,9 @@ class ResNet(ModelSpec):
             x = layers.BatchNormalization(name=f"{name}_bn")(x)
             return layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
-        inputs = keras.Input(input_shape, name="image")
-        x = conv_bn(inputs, self.width, 1, "stem")
+        size = (self.input_size,) * 2 if self.input_size else tuple(input_shape[:2])
+        inputs, x = _fitted_input(input_shape, size, input_shape[-1])
+        x = conv_bn(x, self.width, 1, "stem")
         for stage in range(3):
             width = self.width * 2**stage
             for block in range(self.blocks):

@@ -89,7 +89,8 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
         masked = prune(model, method, schedule.initial, cfg.seed)
         run.metrics(test_metrics(model, data) | {"sparsity": accounting.summary(model)["sparsity"]},
                     prefix="pruned/")
-        history = finetune(masked, data, training.finetune, method, schedule, cfg.seed)
+        history = finetune(masked, data, training.finetune, method, schedule, cfg.seed,
+                           bn_recalibration=training.bn_recalibration)
         run.history("finetune", history)
         masked.detach()
         small, kept = shrink(model)

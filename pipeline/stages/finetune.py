@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pipeline.config import Phase
+from pipeline.stages.recalibrate import after_phase
 from pipeline.stages.train import fit, steps_per_epoch
 
 
@@ -16,9 +17,11 @@ def mask_updates(masked, method, schedule, total: int, seed: int) -> dict:
 
 
 def finetune(masked, data, phase: Phase, method, schedule, seed: int, fast: bool = True,
-             audit: bool = False, callbacks=()) -> dict[str, list[float]]:
-    """`fast`: several steps per compiled call (pipeline.stages.loop); else Keras's model.fit. Same results."""
+             audit: bool = False, callbacks=(), bn_recalibration: int = 0) -> dict[str, list[float]]:
+    """`fast`: several steps per compiled call (pipeline.stages.loop); else Keras's model.fit. Same results.
+    Then the masked model's BatchNorm statistics, on `bn_recalibration` training images (after_phase)."""
     updates = mask_updates(masked, method, schedule, steps_per_epoch(data, phase) * phase.epochs, seed)
     history = fit(masked.model, data, phase, "fine-tuning", callbacks, updates, fast, audit)
     masked.apply()  # exact zeros even where a float multiply by 1.0 is not the identity
+    after_phase(masked.model, data, history, bn_recalibration, phase.batch_size)
     return history

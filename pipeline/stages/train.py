@@ -11,6 +11,7 @@ import keras
 import numpy as np
 
 from pipeline.config import Phase
+from pipeline.stages.recalibrate import after_phase
 
 log = logging.getLogger("pipeline")
 PROGRESS_AFTER_S = 10.0  # log each epoch of a phase expected to take longer than this (seconds)
@@ -174,7 +175,11 @@ def steps_per_epoch(data, phase: Phase) -> int:
     return int(np.ceil(data.sizes["train"] / phase.batch_size))
 
 
-def train_baseline(model, data, phase: Phase, method, fast: bool = True) -> dict[str, list[float]]:
-    """Train the dense model, with the method's training-time regularizer if it has one."""
+def train_baseline(model, data, phase: Phase, method, fast: bool = True,
+                   bn_recalibration: int = 0) -> dict[str, list[float]]:
+    """Train the dense model, with the method's training-time regularizer if it has one; then recompute its
+    BatchNorm statistics on `bn_recalibration` training images (pipeline.stages.recalibrate)."""
     method.regularize(model)
-    return fit(model, data, phase, "baseline", fast=fast)
+    history = fit(model, data, phase, "baseline", fast=fast)
+    after_phase(model, data, history, bn_recalibration, phase.batch_size)
+    return history
