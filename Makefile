@@ -82,6 +82,7 @@ bench: $(STAMP) $(PEER_STAMP)  ## benchmarks: shared baseline, overhead, structu
 	$(PY) -m pipeline.peers.compare --peer benchmarks/peer.json --ours benchmarks/ours.json --out benchmarks/peer.md
 	$(PY) -m pipeline.bench $(ARGS)
 	$(PY) -m pipeline.bench_cluster $(ARGS)
+	$(PY) -m pipeline.bench_models  # ResNet-20 and MobileNetV2 on digits at 32x32: rewrites its section of BENCHMARKS.md
 	$(PY) -m pipeline.peers.real  # real data (Fashion-MNIST): rewrites its section of BENCHMARKS.md
 
 sensitivity: $(STAMP)  ## per-layer sensitivity scan for filter pruning (Li et al.); ARGS="model=vgg_bn"

@@ -35,7 +35,8 @@ STEP_THREADS = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}  #
 HOOKS = {"4. Speed: steps per compiled call, parallel jobs": SPEED,
          "TensorFlow Model Optimization peer": "benchmarks/peer.md",  # written by other modules
          "Study reproduction": "benchmarks/study.md",
-         "Real data: Fashion-MNIST, every method, next to TF-MOT": "benchmarks/real.md"}
+         "Real data: Fashion-MNIST, every method, next to TF-MOT": "benchmarks/real.md",
+         "Any Keras model: ResNet-20 and MobileNetV2, filter pruning on every coupled group": "benchmarks/models.md"}
 
 
 def default_grid() -> list[float]:
