@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,6 +20,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline import tracking
 from pipeline.sweep import read_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +49,7 @@ def _wait_port(port: int, what: str, proc, seconds: float = 120) -> None:
 
 
 @contextmanager
-def service(cmd: list[str], port: int, what: str, env: dict | None = None):
+def service(cmd: list[str], port: int, what: str, env: dict | None = None, stop: int = signal.SIGTERM):
     """A server process in its own session, listening on 127.0.0.1:port; its group is ended afterwards."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, **(env or {})})
@@ -55,7 +57,7 @@ def service(cmd: list[str], port: int, what: str, env: dict | None = None):
         _wait_port(port, what, proc)
         yield f"127.0.0.1:{port}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, stop)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
@@ -67,7 +69,8 @@ def ray_head(tmp: Path):
     port, bin_dir = _port(), Path(sys.executable).parent
     return service([str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                     f"--port={port}", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
-                    f"--temp-dir={tmp / 'ray-head'}"], port, "ray head", env=LOOPBACK_RAY)
+                    f"--temp-dir={tmp / 'ray-head'}"], port, "ray head", env=LOOPBACK_RAY,
+                   stop=signal.SIGKILL)  # the head, its daemons and workers at once (a graceful stop takes 35 s)
 
 
 def mlflow_server(tmp: Path):
@@ -79,7 +82,8 @@ def mlflow_server(tmp: Path):
 
 
 def sweep(name: str, tmp: Path, args: list[str], env: dict | None = None) -> dict:
-    """One sweep from a folder of its own: wall time, and the jobs' own times (jobs.jsonl)."""
+    """One sweep from a folder of its own into a fresh sqlite store (its baseline trained once): wall time,
+    the jobs' own times (jobs.jsonl), where the time went (phases()) and the worker processes."""
     work = tmp / name
     work.mkdir()
     full_env = {**os.environ, **(env or {})}
@@ -87,52 +91,104 @@ def sweep(name: str, tmp: Path, args: list[str], env: dict | None = None) -> dic
     cmd = [sys.executable, "-m", "pipeline.run", "-m", f"sparsity.target={TARGETS}",
            f"hydra.sweep.dir={work}/multirun", *args]
     print(f"[{name}] {' '.join(cmd[3:])}", flush=True)
-    start = time.perf_counter()
+    load = os.getloadavg()[0]
+    start = time.time()
     proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=full_env)
-    wall = time.perf_counter() - start
+    end = time.time()
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
     jobs = read_results(work / "multirun" / "jobs.jsonl")
     seconds = [j["seconds"] for j in jobs]
-    print(f"[{name}] {wall:.1f}s for {len(jobs)} jobs", flush=True)
-    return {"wall_s": round(wall, 1), "jobs": len(jobs), "job_s_median": round(statistics.median(seconds), 2),
-            "job_s_sum": round(sum(seconds), 1)}
+    res = {"wall_s": round(end - start, 1), "jobs": len(jobs), "job_s_median": round(statistics.median(seconds), 2),
+           "job_s_sum": round(sum(seconds), 1), "load_before": round(load, 1),
+           "load_after": round(os.getloadavg()[0], 1)}
+    uri = next((a.split("=", 1)[1] for a in args if a.startswith("tracking.uri=sqlite")), None)
+    if uri:
+        res |= phases(uri, start, end)
+    for key, pattern in (("ray_connect_s", r"connected in ([\d.]+)s"), ("preload_s", r"preloaded in ([\d.]+)s")):
+        found = [float(x) for x in re.findall(pattern, proc.stdout + proc.stderr)]
+        if found:
+            res[key] = max(found)
+    print(f"[{name}] {res}", flush=True)
+    return res
+
+
+def phases(uri: str, start: float, end: float) -> dict:
+    """Where a sweep's time went, from its runs' clocks: `start` until the first job's run opens (interpreter,
+    validation, Ray's connection, workers, TensorFlow), `baseline` until the baseline's run ends (one job
+    trains it, the others wait), `jobs` until the last job's run ends, `end` the report; and how many
+    processes ran jobs."""
+    client = tracking.client(uri)
+    runs = client.search_runs([client.get_experiment_by_name("pruning").experiment_id])
+    jobs = [r for r in runs if r.data.tags.get("config_hash")]
+    (baseline,) = [r for r in runs if r.data.tags.get("kind") == "baseline"]
+    first, trained = min(r.info.start_time for r in jobs) / 1000, baseline.info.end_time / 1000
+    last = max(r.info.end_time for r in jobs) / 1000
+    return {"phases_s": {"start": round(first - start, 1), "baseline": round(trained - first, 1),
+                         "jobs": round(last - trained, 1), "end": round(end - last, 1)},
+            "processes": len({r.data.tags["pid"] for r in jobs})}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the smoke training budget")
+    ap.add_argument("--repeats", type=int, default=2, help="basic and Ray sweeps, alternating (default 2 each)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "cluster.md"))
     args, _ = ap.parse_known_args()  # `make bench ARGS=...` also carries pipeline.bench's options
-    training = ["training=smoke"] if args.quick else []
+    budget = "training=smoke" if args.quick else "training=default"
     tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    runs: dict[str, list] = {"basic": [], "ray": []}
     try:
-        store = lambda name: [f"tracking.uri=sqlite:///{tmp}/{name}.db"]  # noqa: E731
-        res = {"basic": sweep("basic", tmp, [*training, *store("basic")])}
+        store = lambda name: [budget, f"tracking.uri=sqlite:///{tmp}/{name}.db"]  # noqa: E731
+        # The head runs through every basic and Ray sweep alike (its idle daemons load both), started before
+        # any, as a team's cluster would be: a sweep joins it with RAY_ADDRESS.
         with ray_head(tmp) as address:
-            res["ray"] = sweep("ray", tmp, [*training, *store("ray"), "hydra/launcher=ray"],
-                               {"RAY_ADDRESS": address, **LOOPBACK_RAY})
+            for i in range(args.repeats):
+                runs["basic"].append(sweep(f"basic-{i}", tmp, store(f"basic-{i}")))
+                runs["ray"].append(sweep(f"ray-{i}", tmp, [*store(f"ray-{i}"), "hydra/launcher=ray"],
+                                         {"RAY_ADDRESS": address, **LOOPBACK_RAY}))
         with mlflow_server(tmp) as address:
-            res["server"] = sweep("server", tmp, [*training, "tracking=server", f"tracking.uri=http://{address}"])
+            server = sweep("server", tmp, [budget, "tracking=server", f"tracking.uri=http://{address}"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    speedup = res["basic"]["wall_s"] / res["ray"]["wall_s"]
-    overhead = res["server"]["job_s_median"] - res["basic"]["job_s_median"]
+    median = {k: statistics.median(r["wall_s"] for r in v) for k, v in runs.items()}
+    speedup = median["basic"] / median["ray"]
+    pairs = [b["wall_s"] / r["wall_s"] for b, r in zip(runs["basic"], runs["ray"])]
+    overhead = server["job_s_median"] - statistics.median(r["job_s_median"] for r in runs["basic"])
+    write(args.out, budget, runs, server, speedup, pairs, overhead)
+
+
+def write(out: str, budget: str, runs: dict, server: dict, speedup: float, pairs: list, overhead: float) -> None:
+    label = {"basic": "basic launcher", "ray": "Ray, 2 workers"}
+    rows = [(f"{label[k]} #{i + 1}", r) for i in range(len(runs["basic"])) for k in ("basic", "ray")
+            for r in [runs[k][i]]]
+    rows.append(("basic launcher, tracking server", server))
+    cell = lambda r, k: str(r.get("phases_s", {}).get(k, ""))  # noqa: E731
     lines = [
         "# Beyond one machine (python -m pipeline.bench_cluster)", "",
-        f"8 jobs (magnitude, sparsity {TARGETS}), {'training=smoke' if args.quick else 'training=default'}, "
-        f"on {os.cpu_count()} cores; each sweep a fresh store (one baseline trained).", "",
-        "| sweep | wall (s) | median job (s) | sum of jobs (s) |", "|---|---|---|---|",
-        *(f"| {label} | {res[k]['wall_s']} | {res[k]['job_s_median']} | {res[k]['job_s_sum']} |"
-          for k, label in (("basic", "basic launcher, sqlite"), ("ray", "Ray, 2 workers, sqlite"),
-                           ("server", "basic launcher, tracking server"))),
-        "", f"- Ray with 2 workers vs the basic launcher: {speedup:.2f}x faster (target >= 1.6x).",
+        f"8 jobs (magnitude, sparsity {TARGETS}), {budget}, on {os.cpu_count()} cores; each sweep into a fresh "
+        "sqlite store (its baseline trained once), basic and Ray alternating; a Ray head (2 CPUs) on 127.0.0.1 "
+        "started before them and running through all of them.", "",
+        "| sweep | wall (s) | start | baseline | jobs | end | median job (s) | processes | load avg |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *(f"| {name} | {r['wall_s']} | {cell(r, 'start')} | {cell(r, 'baseline')} | {cell(r, 'jobs')} | "
+          f"{cell(r, 'end')} | {r['job_s_median']} | {r.get('processes', '')} | {r['load_before']} -> "
+          f"{r['load_after']} |" for name, r in rows),
+        "", f"- Ray with 2 workers vs the basic launcher: {speedup:.2f}x faster (median wall times; per pair "
+        f"{', '.join(f'{p:.2f}x' for p in pairs)}; target >= 1.6x).",
         f"- Tracking server vs local sqlite: {overhead:+.2f}s per job (median job time, process start excluded).",
     ]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    Path(args.out).with_suffix(".json").write_text(json.dumps({**res, "ray_speedup": round(speedup, 2),
-                                                               "server_overhead_s": round(overhead, 2)}, indent=2))
+    ray = runs["ray"]
+    if all("preload_s" in r for r in ray):
+        each = lambda key: ", ".join(str(r[key]) for r in ray)  # noqa: E731
+        lines.append(f"- Ray's fixed costs per sweep: connecting to the head {each('ray_connect_s')}s; each worker's "
+                     f"start (TensorFlow and the job's modules imported; the slower of the 2) {each('preload_s')}s, "
+                     "while the sweep validates its jobs.")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("\n".join(lines) + "\n")
+    Path(out).with_suffix(".json").write_text(json.dumps({**runs, "server": server, "ray_speedup": round(speedup, 2),
+                                                          "pairs": [round(p, 2) for p in pairs],
+                                                          "server_overhead_s": round(overhead, 2)}, indent=2))
     print("\n".join(lines))
 
 

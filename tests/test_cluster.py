@@ -3,6 +3,7 @@ executor; the GPU options (mixed precision, XLA) on CPU, with pruned weights exa
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import compose_config
+from omegaconf import OmegaConf
 from test_failures import free_port
 
 from pipeline import tracking
@@ -47,13 +49,13 @@ def ray_head(tmp_path_factory):
     head.wait()
 
 
-def sweep(tmp_path, *args, env=None):
+def sweep(tmp_path, *args, env=None, targets="0.3,0.5"):
     """python -m pipeline.run -m from a folder of its own, into a sqlite store there."""
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
     full_env = {**os.environ, "PYTHONHASHSEED": "0", **(env or {})}
     full_env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [PY, "-m", "pipeline.run", "-m", *SMOKE, "sparsity.target=0.3,0.5",
+    cmd = [PY, "-m", "pipeline.run", "-m", *SMOKE, f"sparsity.target={targets}",
            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"hydra.sweep.dir={work}/multirun", *args]
     proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=900, env=full_env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -62,12 +64,12 @@ def sweep(tmp_path, *args, env=None):
     return proc, client, runs
 
 
-def check_sweep(proc, client, runs, job_logs=""):
-    """Two jobs FINISHED, one baseline, the report on the parent run, progress counted to the end (in the
+def check_sweep(proc, client, runs, job_logs="", n=2):
+    """n jobs FINISHED, one baseline, the report on the parent run, progress counted to the end (in the
     sweep's output, or in the jobs' own logs where the launcher keeps them apart)."""
     jobs = [r for r in runs if r.data.tags.get("config_hash")]
     kinds = [r.data.tags.get("kind") for r in runs]
-    assert sorted(r.info.status for r in jobs) == ["FINISHED", "FINISHED"]
+    assert [r.info.status for r in jobs] == ["FINISHED"] * n
     # one baseline (per code version: another helper's edit mid-sweep makes a new one)
     assert kinds.count("baseline") == len({j.data.tags["code_version"] for j in jobs}) and kinds.count("sweep") == 1
     (parent,) = [r for r in runs if r.data.tags.get("kind") == "sweep"]
@@ -75,16 +77,20 @@ def check_sweep(proc, client, runs, job_logs=""):
     assert {j.data.tags["mlflow.parentRunId"] for j in jobs} == {parent.info.run_id}
     assert "results.md" in {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
     out = proc.stdout + proc.stderr + job_logs
-    assert "of 2] magnitude-0.30 finished" in out and "2 done" in out, out[-3000:]
-    assert "sweep done: 2 finished, 0 skipped" in out
+    assert f"of {n}] magnitude-0.30 finished" in out and f"{n} done" in out, out[-3000:]
+    assert f"sweep done: {n} finished, 0 skipped" in out
     return jobs
 
 
 def test_a_sweep_runs_on_a_ray_cluster_of_two_workers(ray_head, tmp_path):
-    proc, client, runs = sweep(tmp_path, "hydra/launcher=ray", env={"RAY_ADDRESS": ray_head, **LOOPBACK_RAY})
-    jobs = check_sweep(proc, client, runs)
-    assert "Ray launcher: 2 jobs on 127.0.0.1" in proc.stdout + proc.stderr
-    assert len({j.data.tags["pid"] for j in jobs}) == 2  # two Ray workers
+    """Three jobs on two long-lived workers: each imports TensorFlow once and runs its jobs one after another."""
+    proc, client, runs = sweep(tmp_path, "hydra/launcher=ray", env={"RAY_ADDRESS": ray_head, **LOOPBACK_RAY},
+                               targets="0.3,0.5,0.7")
+    jobs = check_sweep(proc, client, runs, n=3)
+    out = proc.stdout + proc.stderr
+    assert "Ray launcher: 3 jobs on 2 workers on 127.0.0.1" in out
+    workers = {int(pid) for pid in re.findall(r"pid (\d+) on \S+ \(preloaded in", out)}
+    assert len(workers) == 2 and {int(j.data.tags["pid"]) for j in jobs} == workers  # one of them ran 2 jobs
 
 
 def test_a_sweep_runs_through_submitit(tmp_path):
@@ -95,20 +101,32 @@ def test_a_sweep_runs_through_submitit(tmp_path):
     check_sweep(proc, client, runs, logs)
 
 
-def test_the_ray_launcher_passes_the_sweep_to_its_workers(monkeypatch):
-    """Workers of a cluster started before the sweep do not inherit its environment: each task carries it."""
-    from omegaconf import OmegaConf
+def test_the_ray_launcher_sizes_its_workers_tensorflow(monkeypatch):
+    """A worker's TensorFlow as wide as its CPUs, with the sweep's TF settings (a cluster started before the
+    sweep does not pass them on; what the jobs read from the sweep goes with each job: the sweep test)."""
+    from hydra_plugins.pipeline_ray_launcher.ray_launcher import TF_ENV, RayLauncher
 
-    from hydra_plugins.pipeline_ray_launcher.ray_launcher import RayLauncher
-    from pipeline.sweep import SWEEP_ENV
-
-    for name in SWEEP_ENV:
+    for name in TF_ENV:
         monkeypatch.setenv(name, f"value of {name}")
-    launcher = RayLauncher(remote=OmegaConf.create({"num_cpus": 1, "runtime_env": {"env_vars": {"A": "1"}}}))
-    options = launcher._options()
-    assert options["num_cpus"] == 1
-    threads = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}  # TF as wide as the task
-    assert options["runtime_env"]["env_vars"] == {**threads, "A": "1", **{k: f"value of {k}" for k in SWEEP_ENV}}
+    launcher = RayLauncher(remote=OmegaConf.create({"num_cpus": 2, "runtime_env": {"env_vars": {"A": "1"}}}))
+    assert launcher._options() == {"num_cpus": 2, "runtime_env": {"env_vars": {"A": "1"}}}
+    threads = {"TF_NUM_INTRAOP_THREADS": "2", "TF_NUM_INTEROP_THREADS": "2"}
+    assert launcher._env() == {**threads, **{k: f"value of {k}" for k in TF_ENV}}
+
+
+@pytest.mark.parametrize("remote, workers, total, expected", [
+    ({"num_cpus": 1}, None, {"CPU": 2.0}, 2),
+    ({"num_cpus": 1}, None, {"CPU": 8.0}, 3),  # at most one per job
+    ({"num_cpus": 3}, None, {"CPU": 8.0}, 2),
+    ({"num_cpus": 1, "num_gpus": 1}, None, {"CPU": 8.0, "GPU": 2.0}, 2),
+    ({"num_cpus": 1, "num_gpus": 1}, None, {"CPU": 8.0}, 1),  # none fits: one, which waits for room
+    ({"memory": 4e9, "resources": {"big": 1}}, None, {"CPU": 8.0, "memory": 9e9, "big": 3.0}, 2),
+    ({"num_cpus": 1}, 1, {"CPU": 8.0}, 1),
+])
+def test_the_ray_launcher_starts_a_worker_per_slot(remote, workers, total, expected):
+    from hydra_plugins.pipeline_ray_launcher.ray_launcher import RayLauncher
+
+    assert RayLauncher(remote=OmegaConf.create(remote), workers=workers)._size(3, total) == expected
 
 
 # The GPU options, on CPU: they compose, and masks hold exactly.

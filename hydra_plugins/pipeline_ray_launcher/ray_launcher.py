@@ -1,4 +1,10 @@
-"""hydra/launcher=ray: each job of a sweep as one task on a Ray cluster (conf/hydra/launcher/ray.yaml).
+"""hydra/launcher=ray: the jobs of a sweep on a Ray cluster (conf/hydra/launcher/ray.yaml).
+
+One Ray actor per worker slot of the cluster (a slot: the resources one job asks for, hydra.launcher.remote);
+each actor runs its jobs one after another in its own process, as Hydra's basic launcher does in the
+sweep's, so TensorFlow is imported once per worker, not once per job, and the next job goes to whichever
+worker is free first. The workers start with the sweep (StartWorkers, a callback before the sweep's own), so
+they import what the jobs need while the sweep validates its jobs.
 
 Our own small launcher, not hydra-ray-launcher 1.2.2: that plugin requires cloudpickle < 3 (for its AWS
 launcher only), which joblib 1.6 (cloudpickle >= 3, needed by scikit-learn and the joblib launcher) cannot
@@ -8,86 +14,161 @@ It lives under hydra_plugins because Hydra instantiates launchers from that pack
 
 from __future__ import annotations
 
+import importlib
 import logging
+import math
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from hydra.experimental.callback import Callback
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
+# A job's options (hydra.launcher.remote) -> the cluster resource each one takes
+RESOURCES = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
+TF_ENV = ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")  # the sweep's TensorFlow settings, for its workers
+_started: dict[str, Any] = {}  # the workers started by StartWorkers, for the launcher Hydra creates after it
 
 
-def _job(hydra_context: HydraContext, config: DictConfig, task_function: TaskFunction, singleton: dict,
-         cwd: str) -> JobReturn:
-    """One job inside a Ray worker: Hydra's state as the sweep had it, then Hydra's own run_job. It runs
-    in the sweep's folder when this worker can see it (same machine or shared filesystem)."""
-    from hydra.core.hydra_config import HydraConfig
+class Worker:
+    """One worker process of the sweep (a Ray actor): TensorFlow's settings before it starts, the modules
+    the jobs need imported, then jobs one after another."""
 
-    if os.path.isdir(cwd):
-        os.chdir(cwd)
-    setup_globals()
-    Singleton.set_state(singleton)
-    HydraConfig.instance().set_config(config)
-    return run_job(hydra_context=hydra_context, task_function=task_function, config=config,
-                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+    def __init__(self, env: dict[str, str], preload: Sequence[str]) -> None:
+        os.environ.update(env)  # workers of a cluster started before the sweep do not inherit its environment
+        started = time.time()
+        for module in preload:
+            importlib.import_module(module)
+        self.ready = {"pid": os.getpid(), "host": os.uname().nodename, "preload_s": round(time.time() - started, 1)}
+
+    def info(self) -> dict[str, Any]:
+        return self.ready
+
+    def run(self, env: dict[str, str], hydra_context: HydraContext, config: DictConfig, task_function: TaskFunction,
+            singleton: dict, cwd: str) -> JobReturn:
+        """One job: the sweep's environment and Hydra's state as the sweep had them, then Hydra's own run_job.
+        It runs in the sweep's folder when this worker can see it (same machine or shared filesystem)."""
+        from hydra.core.hydra_config import HydraConfig
+
+        os.environ.update(env)
+        if os.path.isdir(cwd):
+            os.chdir(cwd)
+        setup_globals()
+        Singleton.set_state(singleton)
+        HydraConfig.instance().set_config(config)
+        return run_job(hydra_context=hydra_context, task_function=task_function, config=config,
+                       job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
 
 
 class RayLauncher(Launcher):
-    def __init__(self, init: DictConfig | None = None, remote: DictConfig | None = None) -> None:
+    def __init__(self, init: DictConfig | None = None, remote: DictConfig | None = None,
+                 workers: int | None = None, preload: Sequence[str] = ()) -> None:
         """init: ray.init's options (address null: RAY_ADDRESS, else a cluster started on this machine, else
-        a new local one); remote: each task's options (num_cpus, num_gpus, memory, runtime_env, ...)."""
-        self.init, self.remote = init, remote
+        a new local one); remote: each worker's options (num_cpus, num_gpus, memory, resources, runtime_env);
+        workers: how many (null: as many as the cluster has room for, at most one per job); preload: the
+        modules each worker imports as it starts."""
+        self.init, self.remote, self.workers, self.preload = init, remote, workers, list(preload or ())
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
         self.config: DictConfig | None = None
+        self.pool: list = []  # the workers, kept for the sweep's next batch (e.g. Optuna's)
+        self.connect_s = 0.0
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
 
     def _options(self) -> dict[str, Any]:
-        """Each task's options, with what a job needs from its sweep (workers of a cluster started before
-        it do not inherit the sweep's environment)."""
-        from pipeline.sweep import SWEEP_ENV
+        """Each worker's Ray options."""
+        return OmegaConf.to_container(self.remote, resolve=True) if self.remote else {}
 
-        options = OmegaConf.to_container(self.remote, resolve=True) if self.remote else {}
-        runtime_env = options.setdefault("runtime_env", {}) or {}
-        # TensorFlow uses as many threads as the task has CPUs: two tasks on two cores do not fight
-        threads = str(max(1, int(options.get("num_cpus") or 1)))
-        runtime_env["env_vars"] = {"TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": threads,
-                                   **(runtime_env.get("env_vars") or {}),
-                                   **{k: os.environ[k] for k in SWEEP_ENV if k in os.environ}}
-        options["runtime_env"] = runtime_env
-        return options
+    def _env(self) -> dict[str, str]:
+        """A worker's environment: TensorFlow as many threads as the worker has CPUs (two workers on two
+        cores do not fight), and the sweep's TF settings."""
+        threads = str(max(1, math.floor(self._options().get("num_cpus") or 1)))
+        return {"TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": threads,
+                **{k: os.environ[k] for k in TF_ENV if k in os.environ}}
+
+    def _size(self, jobs: int | None, total: dict[str, float]) -> int:
+        """Workers: as set, else as many as the cluster's resources hold (one CPU each unless said)."""
+        cap = [jobs] if jobs else []
+        if self.workers:
+            return min([int(self.workers), *cap])
+        options = self._options()
+        asked = {"CPU": 1, **{RESOURCES[k]: v for k, v in options.items() if k in RESOURCES},
+                 **(options.get("resources") or {})}
+        return max(1, min([*cap, *(math.floor(total.get(r, 0) / v) for r, v in asked.items() if v)]))
+
+    def start(self, jobs: int | None) -> dict[str, Any]:
+        """Connect to the cluster (or start one) and start the workers (they warm up in the background)."""
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # Ray would fold the jobs' progress lines into one
+        import ray
+
+        started = time.time()
+        if not ray.is_initialized():
+            init = OmegaConf.to_container(self.init, resolve=True) if self.init else {}
+            ray.init(**{"logging_level": logging.WARNING, **{k: v for k, v in init.items() if v is not None}})
+        actor = ray.remote(Worker).options(**self._options())
+        pool = [actor.remote(self._env(), self.preload) for _ in range(self._size(jobs, ray.cluster_resources()))]
+        return {"pool": pool, "connect_s": time.time() - started}
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        import ray
+        from pipeline.sweep import SWEEP_ENV
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
-        if not ray.is_initialized():
-            init = OmegaConf.to_container(self.init, resolve=True) if self.init else {}
-            ray.init(**{k: v for k, v in init.items() if v is not None})
-        task = ray.remote(_job).options(**self._options())
-        log.info("Ray launcher: %d jobs on %s", len(job_overrides), ray.get_runtime_context().gcs_address)
-        refs = []
+        if not self.pool:
+            started = _started.copy() or self.start(len(job_overrides))
+            _started.clear()
+            self.pool, self.connect_s = started["pool"], started["connect_s"]
+        import ray
+        from ray.util.actor_pool import ActorPool
+
+        log.info("Ray launcher: %d jobs on %d workers on %s (connected in %.1fs)", len(job_overrides), len(self.pool),
+                 ray.get_runtime_context().gcs_address, self.connect_s)
+        jobs = []
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
             config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             with open_dict(config):
                 config.hydra.job.id = f"ray_{idx}"
                 config.hydra.job.num = idx
-            refs.append(task.remote(self.hydra_context, config, self.task_function, Singleton.get_state(),
-                                    os.getcwd()))
+            jobs.append(config)
+        # what a job reads from its sweep (its parent run, the job count): set after the workers started
+        env, state, cwd = {k: os.environ[k] for k in SWEEP_ENV if k in os.environ}, Singleton.get_state(), os.getcwd()
+        run = lambda actor, config: actor.run.remote(env, self.hydra_context, config, self.task_function,  # noqa: E731
+                                                     state, cwd)
         try:
-            return ray.get(refs)
+            ready = [actor.info.remote() for actor in self.pool]  # each answers before its first job starts
+            results = ActorPool(self.pool).map(run, jobs)
+            log.info("Ray launcher: workers ready: %s", ", ".join(
+                f"pid {w['pid']} on {w['host']} (preloaded in {w['preload_s']}s)" for w in ray.get(ready)))
+            return list(results)
         except KeyboardInterrupt:  # Ctrl-C: the jobs stop too (their runs are marked KILLED by the sweep)
-            for ref in refs:
-                ray.cancel(ref, force=True)
+            for actor in self.pool:
+                ray.kill(actor)
             raise
+
+
+class StartWorkers(Callback):
+    """hydra.callbacks.ray_workers (set by hydra/launcher=ray, before the sweep's own callback): the workers
+    start as the sweep does and import what the jobs need while the sweep validates them (Hydra creates
+    the launcher only after the callbacks' start). Should it fail, the launcher tries again and says why."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.utils import instantiate
+
+        from pipeline.sweep import is_basic_sweeper, job_overrides
+
+        try:
+            jobs = len(job_overrides(config)) if is_basic_sweeper(config) else None
+            _started.update(instantiate(config.hydra.launcher).start(jobs))
+        except Exception as e:  # a wrong override is the sweep's callback's to report, in one line
+            log.debug("Ray workers not started early: %s", e)
