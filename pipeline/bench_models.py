@@ -26,10 +26,12 @@ MODELS = {"ResNet-20": ["model=resnet", "model.input_size=32"],
           "MobileNetV2 (alpha 0.35)": ["model=application", "model.arch=MobileNetV2", "model.alpha=0.35",
                                        "model.input_size=32"]}
 JOB = ["data=digits", "method=filter", "sparsity.target=0.5", "seed=0"]
-# Trains both baselines to about 98% on digits at 32x32 in a few minutes each on 2 cores.
+# Trains both baselines on digits at 32x32 in a few minutes each on 2 cores; fine-tuning as long, at the same
+# rate: pruning half the channels of every group leaves the network to be trained again, not touched up
+# (15 epochs at 0.001 left MobileNetV2 12 points short).
 BUDGET = ["training=default", "training.baseline.epochs=30", "training.baseline.schedule=cosine",
-          "training.finetune.epochs=15", "training.finetune.schedule=cosine"]
-FLOPS_MAX, SPEEDUP_MIN, POINTS_MAX = 0.35, 1.7, 1.0  # the targets
+          "training.finetune.epochs=30", "training.finetune.lr=0.003", "training.finetune.schedule=cosine"]
+FLOPS_MAX, SPEEDUP_MIN, POINTS_MIN = 0.35, 1.7, -1.0  # the targets (points: fine-tuned - baseline)
 FLOPS_TARGET_FOR = "ResNet-20"  # the FLOPs target is ResNet-20's; MobileNetV2's ratio is reported
 
 
@@ -76,22 +78,34 @@ def markdown(rows: list[dict], info: dict) -> str:
              f"`{' '.join(BUDGET)}` (BatchNorm statistics recomputed after each phase: "
              "`training.bn_recalibration=4096`). The commands (`<tmp>`: the temporary store):", ""]
     lines += [f"    {r['cmd']}" for r in rows]
-    lines += ["", "| model | baseline acc | fine-tuned acc | points lost | MACs dense | MACs shrunk | FLOPs ratio "
+    lines += ["", "| model | baseline acc | fine-tuned acc | change (points) | MACs dense | MACs shrunk | FLOPs ratio "
               "| params dense / shrunk | latency b256 dense / shrunk (ms) | speedup b256 | job (s) | verify |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['baseline']:.4f} | {r['accuracy']:.4f} | {r['lost']:.2f} "
+        lines.append(f"| {r['name']} | {r['baseline']:.4f} | {r['accuracy']:.4f} | {r['points']:+.2f} "
                      f"| {r['flops_dense']:,.0f} | {r['flops_shrunk']:,.0f} | {r['flops_ratio']:.3f}x "
                      f"| {r['params_dense']:,.0f} / {r['params_shrunk']:,.0f} "
                      f"| {r['ms_dense']:.1f} / {r['ms_shrunk']:.1f} | {r['speedup']:.2f}x | {r['seconds']:.0f} "
                      f"| {r['verify']} |")
     lines += ["", f"Targets: FLOPs of the shrunk model <= {FLOPS_MAX}x dense ({FLOPS_TARGET_FOR}), latency at batch "
-              f"256 >= {SPEEDUP_MIN}x faster, accuracy within {POINTS_MAX:g} point of the baseline.", ""]
+              f"256 >= {SPEEDUP_MIN}x faster, accuracy within {-POINTS_MIN:g} point of the baseline.", ""]
     for r in rows:
         flops = (f"FLOPs {r['flops_ratio']:.3f}x: {verdict(r['flops_ratio'] <= FLOPS_MAX)}"
                  if r["name"] == FLOPS_TARGET_FOR else f"FLOPs {r['flops_ratio']:.3f}x (no target)")
         lines.append(f"- {r['name']}: {flops}; latency {r['speedup']:.2f}x: {verdict(r['speedup'] >= SPEEDUP_MIN)}; "
-                     f"accuracy {r['lost']:+.2f} points: {verdict(r['lost'] <= POINTS_MAX)}")
+                     f"accuracy {r['points']:+.2f} points: {verdict(r['points'] >= POINTS_MIN)}")
+    for r in rows:
+        rate = {x["name"]: x["flops_dense"] * 256 / x["ms_dense"] / 1e6 for x in rows}  # GMAC/s, dense, batch 256
+        if r["speedup"] < SPEEDUP_MIN:
+            others = ", ".join(f"{name} {v:.1f}" for name, v in rate.items() if name != r["name"])
+            lines.append(f"- {r['name']} misses the latency target by {SPEEDUP_MIN - r['speedup']:.2f}x: at "
+                         f"{r['flops_dense'] / 1e6:.2f} M MACs per image, its dense model computes "
+                         f"{rate[r['name']]:.1f} GMAC/s ({others}): its time goes to per-layer costs that do not "
+                         "shrink with the channels (a kernel call per layer, memory-bound depthwise convs, BatchNorm, "
+                         "activations, the input resize), so latency falls less than FLOPs.")
+        if r["points"] < POINTS_MIN:
+            lines.append(f"- {r['name']} misses the accuracy target by {POINTS_MIN - r['points']:.2f} points: "
+                         "this fine-tuning budget does not recover what pruning half of every group removed.")
     lines += ["", f"Machine: {info['nproc']} cores ({info['cpu']}), TensorFlow {info['tensorflow']}, Keras "
               f"{info['keras']}, MLflow {info['mlflow']}. Load average (1 / 5 / 15 min) at the start: {info['load']}; "
               f"at the end: {info['load_end']}. The machine was shared with other work while this ran: a load above "
@@ -112,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     for r in rows:
-        r.update(lost=(r["baseline"] - r["accuracy"]) * 100, flops_ratio=r["flops_shrunk"] / r["flops_dense"],
+        r.update(points=(r["accuracy"] - r["baseline"]) * 100, flops_ratio=r["flops_shrunk"] / r["flops_dense"],
                  speedup=r["ms_dense"] / r["ms_shrunk"])
         print(f"[bench_models] {r['name']}: accuracy {r['baseline']:.4f} -> {r['accuracy']:.4f}, FLOPs "
               f"{r['flops_ratio']:.3f}x, latency b256 {r['ms_dense']:.1f} -> {r['ms_shrunk']:.1f} ms "
