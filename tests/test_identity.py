@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import REPO, compose_config, run_pipeline
+from conftest import REPO, compose_config, run_in_process, run_pipeline
 
 from pipeline import tracking
 from pipeline.config import ConfigError, config_hash, identity, run_name, validate
@@ -78,10 +78,9 @@ def test_new_content_at_the_same_path_is_a_new_job(tmp_path, digits):
 
     args = [*SMOKE, "data=npz", f"data.path={path}"]
     write(1.0)
-    run_pipeline(args, tmp_path)
+    run_in_process(tmp_path, args)
     write(0.5)
-    proc = run_pipeline(args, tmp_path)
-    assert "skipped" not in proc.stdout + proc.stderr
+    assert "skipped" not in run_in_process(tmp_path, args)
     first, second = job_runs(tmp_path)
     assert first.data.tags["data_digest"] != second.data.tags["data_digest"]
     assert first.data.tags["baseline_hash"] != second.data.tags["baseline_hash"]
@@ -92,8 +91,8 @@ def test_slimming_gives_the_same_result_whether_or_not_it_trained_the_baseline(t
     """The trained path used to fine-tune with the L1 penalty still on the BatchNorm scales."""
     args = [*SMOKE, "model=vgg_bn", "model.widths=[8,8]", "model.hidden=16", "method=slim",
             "sparsity.target=0.4", "tracking.skip_finished=false"]
-    run_pipeline(args, tmp_path)
-    run_pipeline(args, tmp_path)
+    run_in_process(tmp_path, args)
+    run_in_process(tmp_path, args)
     trained, loaded = job_runs(tmp_path)
     assert trained.data.tags["baseline_trained_here"] == "true"
     assert loaded.data.tags["baseline_trained_here"] == "false"

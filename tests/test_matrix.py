@@ -11,8 +11,8 @@ def test_every_method_and_schedule_runs_end_to_end(tmp_path, client_for):
     # vgg_bn has BatchNorm, so every code path runs (slimming's penalty, BatchNorm masks, surgery);
     # seed_cnn's runs are in test_sweep.py and test_e2e.py.
     run_pipeline(["-m", f"method={','.join(METHODS)}", f"sparsity={','.join(SCHEDULES)}", "sparsity.target=0.5",
-                  "model=vgg_bn", "data.limit=300", "training=smoke", "hydra/launcher=joblib",
-                  "hydra.launcher.n_jobs=2"], tmp_path)
+                  "model=vgg_bn", "model.widths=[8,8]", "model.hidden=16", "data.limit=200", "training=smoke",
+                  "training.baseline.epochs=1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], tmp_path)
     client = client_for(tmp_path)
     exp = client.get_experiment_by_name("pruning")
     runs = client.search_runs([exp.experiment_id])

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import keras
 import pytest
 from conftest import REPO
-from test_failures import free_port, start_server, stop
+from test_failures import NO_RETRIES, free_port, start_server, stop
 
 from pipeline import tracking
 from pipeline.baseline import RunStore
@@ -40,10 +40,11 @@ def server(tmp_path_factory):
         stop(box.proc)
 
 
-def job(server, work: Path, experiment: str, *args, multirun=False, cache=None):
+def job(server, work: Path, experiment: str, *args, multirun=False, cache=None, env=None):
     """python -m pipeline.run started from `work` (no mlruns/ there), credentials in its environment."""
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **SECRET, "PYTHONHASHSEED": "0", "XDG_CACHE_HOME": str(cache or work / "cache")}
+    env = {**os.environ, **SECRET, "PYTHONHASHSEED": "0", "XDG_CACHE_HOME": str(cache or work / "cache"),
+           **(env or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
     out = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     cmd = [PY, "-m", "pipeline.run", *(["-m"] if multirun else []), *SMOKE, "tracking=server",
@@ -151,8 +152,8 @@ def test_workers_that_claim_at_once_train_once_and_a_dead_trainer_is_taken_over(
 
 def test_a_server_that_dies_mid_sweep_fails_the_jobs_and_the_rerun_completes_once(server, tmp_path):
     work, cache = tmp_path / "sweep", tmp_path / "cache"
-    args = ["sparsity.target=0.3,0.5", "training.baseline.epochs=20"]
-    sweep = job(server, work, "dies", *args, multirun=True, cache=cache)
+    args = ["sparsity.target=0.3,0.5", "training.baseline.epochs=10"]
+    sweep = job(server, work, "dies", *args, multirun=True, cache=cache, env=NO_RETRIES)
     deadline, started = time.time() + 300, []
     while time.time() < deadline and not started and sweep.poll() is None:
         started = [r for r in runs_of("dies", server.uri)[1] if r.data.tags.get("config_hash")]
