@@ -85,7 +85,9 @@ def sweep(name: str, tmp: Path, args: list[str], env: dict | None = None) -> dic
     """One sweep from a folder of its own into a fresh sqlite store (its baseline trained once): wall time,
     the jobs' own times (jobs.jsonl), where the time went (phases()) and the worker processes."""
     work = tmp / name
-    work.mkdir()
+    (work / "store").mkdir(parents=True)
+    if not any(a.startswith("tracking") for a in args):  # its own folder: baselines are cached beside the db
+        args = [*args, f"tracking.uri=sqlite:///{work}/store/mlflow.db"]
     full_env = {**os.environ, **(env or {})}
     full_env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [sys.executable, "-m", "pipeline.run", "-m", f"sparsity.target={TARGETS}",
@@ -132,23 +134,23 @@ def phases(uri: str, start: float, end: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the smoke training budget")
+    ap.add_argument("--budget", default="training=default", help="the jobs' budget as overrides (without --quick)")
     ap.add_argument("--repeats", type=int, default=2, help="basic and Ray sweeps, alternating (default 2 each)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "cluster.md"))
     args, _ = ap.parse_known_args()  # `make bench ARGS=...` also carries pipeline.bench's options
-    budget = "training=smoke" if args.quick else "training=default"
+    budget = "training=smoke" if args.quick else args.budget
     tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     runs: dict[str, list] = {"basic": [], "ray": []}
     try:
-        store = lambda name: [budget, f"tracking.uri=sqlite:///{tmp}/{name}.db"]  # noqa: E731
         # The head runs through every basic and Ray sweep alike (its idle daemons load both), started before
         # any, as a team's cluster would be: a sweep joins it with RAY_ADDRESS.
         with ray_head(tmp) as address:
             for i in range(args.repeats):
-                runs["basic"].append(sweep(f"basic-{i}", tmp, store(f"basic-{i}")))
-                runs["ray"].append(sweep(f"ray-{i}", tmp, [*store(f"ray-{i}"), "hydra/launcher=ray"],
+                runs["basic"].append(sweep(f"basic-{i}", tmp, budget.split()))
+                runs["ray"].append(sweep(f"ray-{i}", tmp, [*budget.split(), "hydra/launcher=ray"],
                                          {"RAY_ADDRESS": address, **LOOPBACK_RAY}))
         with mlflow_server(tmp) as address:
-            server = sweep("server", tmp, [budget, "tracking=server", f"tracking.uri=http://{address}"])
+            server = sweep("server", tmp, [*budget.split(), "tracking=server", f"tracking.uri=http://{address}"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     median = {k: statistics.median(r["wall_s"] for r in v) for k, v in runs.items()}
@@ -166,7 +168,7 @@ def write(out: str, budget: str, runs: dict, server: dict, speedup: float, pairs
     cell = lambda r, k: str(r.get("phases_s", {}).get(k, ""))  # noqa: E731
     lines = [
         "# Beyond one machine (python -m pipeline.bench_cluster)", "",
-        f"8 jobs (magnitude, sparsity {TARGETS}), {budget}, on {os.cpu_count()} cores; each sweep into a fresh "
+        f"8 jobs (magnitude, sparsity {TARGETS}), `{budget}`, on {os.cpu_count()} cores; each sweep into a fresh "
         "sqlite store (its baseline trained once), basic and Ray alternating; a Ray head (2 CPUs) on 127.0.0.1 "
         "started before them and running through all of them.", "",
         "| sweep | wall (s) | start | baseline | jobs | end | median job (s) | processes | load avg |",

@@ -160,7 +160,8 @@ class RayLauncher(Launcher):
 class StartWorkers(Callback):
     """hydra.callbacks.ray_workers (set by hydra/launcher=ray, before the sweep's own callback): the workers
     start as the sweep does and import what the jobs need while the sweep validates them (Hydra creates
-    the launcher only after the callbacks' start). Should it fail, the launcher tries again and says why."""
+    the launcher only after the callbacks' start); should it fail, the launcher tries again and says why.
+    They stop when the sweep ends."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.utils import instantiate
@@ -172,3 +173,8 @@ class StartWorkers(Callback):
             _started.update(instantiate(config.hydra.launcher).start(jobs))
         except Exception as e:  # a wrong override is the sweep's callback's to report, in one line
             log.debug("Ray workers not started early: %s", e)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        import ray
+
+        ray.shutdown()  # the workers end now (at the interpreter's exit it takes seconds longer)
