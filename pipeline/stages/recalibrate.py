@@ -1,7 +1,7 @@
 """Precise BatchNorm (Wu & Johnson 2021): after a phase's training, each BatchNormalization layer's moving mean
 and variance become the average of its per-batch statistics over the first training images.
 
-Keras's moving averages (momentum 0.99, 0.999 in keras.applications) need thousands of steps to forget their
+Keras's moving averages (momentum 0.99; 0.999 in MobileNetV2 and V3) need thousands of steps to forget their
 initial values; a small data set gives tens per epoch, so a model can train to high accuracy and still
 evaluate at chance. Recomputing the statistics costs one forward pass over a few thousand images.
 """
