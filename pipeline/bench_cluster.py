@@ -171,6 +171,10 @@ def write(out: str, budget: str, runs: dict, server: dict, speedup: float, pairs
         f"8 jobs (magnitude, sparsity {TARGETS}), `{budget}`, on {os.cpu_count()} cores; each sweep into a fresh "
         "sqlite store (its baseline trained once), basic and Ray alternating; a Ray head (2 CPUs) on 127.0.0.1 "
         "started before them and running through all of them.", "",
+        "Phases (s, from the runs' own clocks): start, until the first job's run opens (interpreter, validation of "
+        "every job, Ray's connection and workers); baseline, until the baseline's run ends (one job trains it, the "
+        "other worker waits); jobs, until the last job's run ends; end, the report and the exit. Processes: how "
+        "many ran jobs.", "",
         "| sweep | wall (s) | start | baseline | jobs | end | median job (s) | processes | load avg |",
         "|---|---|---|---|---|---|---|---|---|",
         *(f"| {name} | {r['wall_s']} | {cell(r, 'start')} | {cell(r, 'baseline')} | {cell(r, 'jobs')} | "
