@@ -73,8 +73,11 @@ run: $(STAMP)  ## one job on the defaults (digits, seed_cnn, magnitude 0.5); add
 sweep: $(STAMP)  ## the four methods over the default sparsity grid, jobs in parallel on the cores, then the report
 	$(PY) -m pipeline.run -m hydra/launcher=joblib method=magnitude,filter,slim,hybrid $(ARGS)
 
-test: $(STAMP)  ## the whole test suite
-	$(PY) -m pytest $(ARGS)
+# Two pytest workers, each taking whole test files (a module's shared fixtures run once): much of a test's
+# time is one thread (process starts, TF tracing, polling a server), so two overlap even on two cores.
+TEST_WORKERS ?= 2
+test: $(STAMP)  ## the whole test suite on 2 pytest workers (TEST_WORKERS=N for another number, 0 for none)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 bench: $(STAMP) $(PEER_STAMP)  ## benchmarks: shared baseline, overhead, structured speedups, speed vs TF-MOT (prints figures and ratios)
 	$(PEER_PY) -m pipeline.peers.tfmot --out benchmarks/peer.json
