@@ -102,11 +102,12 @@ def for_job(conf: dict[str, Any], parts: dict, data, client, exp_id, uri: str):
     ident = identity(conf["seed"], parts, data.digest)
     if spec.pretrained:  # the file is the baseline: evaluated, never trained
         spec_b = baseline_spec(ident, None, pretrained=True)
-        train_baseline = lambda *_: {}  # noqa: E731  (what the calls below train with: nothing)
     else:
         spec_b = baseline_spec(ident, method.penalty(build()))
 
     def train(model):  # and recalibrate its BatchNorm (a pretrained file: neither)
+        if spec.pretrained:
+            return {}
         return train_baseline(model, data, phase, method, bn_recalibration=parts["training"].bn_recalibration)
 
     def describe(b, trained, history, path):  # what a baseline run holds
