@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.pruning import accounting
 from pipeline.pruning.masks import assign_all
-from pipeline.stages.loop import CACHE_SIZE, structure
+from pipeline.stages.loop import cached, structure
 
 
 class Evaluator:
@@ -43,15 +43,11 @@ class Evaluator:
 _evaluators: collections.OrderedDict = collections.OrderedDict()
 
 
-def test_metrics(model, data) -> dict[str, float]:
-    """Test accuracy and loss, by an Evaluator kept per model structure (the jobs of a sweep share one)."""
+def test_metrics(model, data, split: str = "test") -> dict[str, float]:
+    """Accuracy and loss on the test split (or `split`), by an Evaluator kept per model structure (the jobs
+    of a sweep share one)."""
     key = json.dumps([structure(model), keras.mixed_precision.global_policy().name])
-    if key not in _evaluators:
-        _evaluators[key] = Evaluator(model)
-        while len(_evaluators) > CACHE_SIZE:
-            _evaluators.popitem(last=False)
-    _evaluators.move_to_end(key)
-    out = _evaluators[key](model, data.batches("test", 256))
+    out = cached(_evaluators, key, lambda: Evaluator(model))(model, data.batches(split, 256))
     return {"accuracy": out["accuracy"], "loss": out["loss"]}
 
 

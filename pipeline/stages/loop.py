@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.pruning.masks import MaskConstraint, assign_all
 
-CACHE_SIZE = 8  # engines kept per process (each holds a copy of its model)
+CACHE_SIZE = 8  # engines (and evaluate.py's evaluators) kept per process, each holding a copy of its model
 _engines: collections.OrderedDict = collections.OrderedDict()
 
 
@@ -119,16 +119,20 @@ class Engine:
         assign_all(model.variables, self.twin.variables)
 
 
+def cached(cache: collections.OrderedDict, key: str, make):
+    """cache[key], made by make() on first use; the CACHE_SIZE most recently used are kept."""
+    if key in cache:
+        cache.move_to_end(key)
+    else:
+        cache[key] = make()
+        while len(cache) > CACHE_SIZE:
+            cache.popitem(last=False)
+    return cache[key]
+
+
 def engine(model, phase, total_steps: int, audit: bool = False) -> Engine:
     """The process's engine for this model structure and phase (made, and traced, on first use)."""
-    key = _key(model, phase, total_steps, audit)
-    if key in _engines:
-        _engines.move_to_end(key)
-    else:
-        _engines[key] = Engine(model, phase, total_steps, audit)
-        while len(_engines) > CACHE_SIZE:
-            _engines.popitem(last=False)
-    return _engines[key]
+    return cached(_engines, _key(model, phase, total_steps, audit), lambda: Engine(model, phase, total_steps, audit))
 
 
 def run(model, train_data, val_data, phase, steps_per_epoch: int, callbacks, at_steps=None,

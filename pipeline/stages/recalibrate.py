@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from pipeline.pruning.graph import all_layers
+from pipeline.stages.evaluate import test_metrics
 
 log = logging.getLogger("pipeline")
 
@@ -67,7 +68,5 @@ def after_phase(model, data, history: dict[str, list[float]], images: int, batch
     (a sweep's objective is the last finetune/val_accuracy)."""
     if not recalibrate(model, data, images, batch_size) or not history.get("val_accuracy"):
         return
-    if not model.compiled:
-        model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    loss, accuracy = model.evaluate(data.batches("val", 256), verbose=0)
-    history["val_loss"][-1], history["val_accuracy"][-1] = float(loss), float(accuracy)
+    val = test_metrics(model, data, split="val")
+    history["val_loss"][-1], history["val_accuracy"][-1] = val["loss"], val["accuracy"]
