@@ -10,7 +10,6 @@ benchmarks/models.md and puts it in its section of BENCHMARKS.md (--out).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.bench import HOOKS, REPO, machine, put_section, verdict
+from pipeline.bench import HOOKS, REPO, _load, machine, pipeline_cmd, put_section, run, runs, show, verdict
 
 SECTION = "benchmarks/models.md"
 TITLE = next(title for title, rel in HOOKS.items() if rel == SECTION)
@@ -42,28 +41,17 @@ FLOPS_TARGET_FOR = "ResNet-20"  # the FLOPs target is ResNet-20's; MobileNetV2's
 
 def job(name: str, overrides: list[str], work: Path) -> dict:
     """Run one model's job into its own store, verify it; its figures from MLflow."""
-    from mlflow.tracking import MlflowClient
-
     store = work / name.split()[0]
     store.mkdir()
     uri = f"sqlite:///{store / 'mlflow.db'}"
-    cmd = [sys.executable, "-m", "pipeline.run", *overrides, *JOB, *BUDGET, f"tracking.uri={uri}",
-           f"hydra.run.dir={store / 'outputs'}"]
+    cmd = pipeline_cmd(*overrides, *JOB, *BUDGET, f"tracking.uri={uri}", f"hydra.run.dir={store / 'outputs'}")
     print(f"[bench_models] {name}: {' '.join(cmd[1:])}", flush=True)
-    started = time.perf_counter()
-    with open(store / "job.log", "w") as log:
-        done = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"[bench_models] {name} failed (exit {done.returncode}): see {store / 'job.log'}")
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("pruning")
-    run = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("kind") != "baseline")
-    m = run.data.metrics
-    verified = subprocess.run([sys.executable, "-m", "pipeline.verify", run.info.run_id, "--uri", uri], cwd=REPO,
+    seconds = run(cmd, store / "job.log")
+    run_ = runs(uri)[0]
+    m = run_.data.metrics
+    verified = subprocess.run([sys.executable, "-m", "pipeline.verify", run_.info.run_id, "--uri", uri], cwd=REPO,
                               capture_output=True, text=True)
-    shown = " ".join(["python", *cmd[1:]]).replace(str(store), "<tmp>")
-    return {"name": name, "cmd": shown, "seconds": seconds, "run_id": run.info.run_id,
+    return {"name": name, "cmd": show(cmd, store), "seconds": seconds, "run_id": run_.info.run_id,
             "baseline": m["baseline/accuracy"], "pruned": m["pruned/accuracy"], "accuracy": m["eval/accuracy"],
             "flops_dense": m["eval/flops_dense"], "flops_shrunk": m["eval/flops_shrunk"],
             "params_dense": m["eval/params_total"], "params_shrunk": m["eval/params_shrunk"],
@@ -137,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[bench_models] {r['name']}: accuracy {r['baseline']:.4f} -> {r['accuracy']:.4f}, FLOPs "
               f"{r['flops_ratio']:.3f}x, latency b256 {r['ms_dense']:.1f} -> {r['ms_shrunk']:.1f} ms "
               f"({r['speedup']:.2f}x), verify {r['verify']}", flush=True)
-    info["load_end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    info["load_end"] = _load()
     (REPO / SECTION).write_text(markdown(rows, info))
     out = Path(args.out) if Path(args.out).is_absolute() else REPO / args.out
     put_section(out, TITLE, SECTION)
