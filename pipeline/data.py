@@ -90,6 +90,10 @@ class Dataset:
         iteration by shuffle_seed."""
         raise NotImplementedError
 
+    def held(self, split: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The split's (images, labels) if they are held in memory as arrays, else None (streamed)."""
+        return None
+
     def batches(self, split: str, batch_size: int):
         import tensorflow as tf
 
@@ -112,6 +116,9 @@ class ArrayDataset(Dataset):
     @property
     def input_shape(self):
         return tuple(self.x_train.shape[1:])
+
+    def held(self, split):
+        return getattr(self, f"x_{split}"), self.labels(split)
 
     def examples(self, split, shuffle_seed=None):
         import tensorflow as tf

@@ -53,6 +53,40 @@ def assert_same(a, b):
     assert ma.keys() == mb.keys() and all(np.array_equal(ma[k], mb[k]) for k in ma)
 
 
+def traces(eng) -> dict[str, int]:
+    return {name: getattr(eng, name).experimental_get_tracing_count()
+            for name in ("train_held", "train_stream", "validate_held", "validate_stream")}
+
+
+def test_held_batches_are_the_tf_data_pipelines(few):
+    """In-memory data is gathered inside the compiled loop by the epoch's shuffled order: epoch after epoch
+    the very batches of the tf.data pipeline model.fit reads (same seed), and the validation split in order."""
+    import tensorflow as tf
+
+    from pipeline.stages.train import training_batches, validation_batches
+
+    held, stream = loop.Held(*few.held("train"), 48, shuffle_seed=7), training_batches(few, 48, seed=7)
+    for _ in range(3):
+        held.epoch()
+        gathered = [loop._gather(held.x, held.y, held.order[i:i + 48]) for i in range(0, len(few.y_train), 48)]
+        for (x, y), (sx, sy) in zip(gathered, stream, strict=True):
+            assert np.array_equal(x, sx) and np.array_equal(y, sy)
+    val = loop.Held(*few.held("val"), 48)
+    x = tf.concat([x for x, _ in validation_batches(few, 48)], 0)
+    assert np.array_equal(x, val.x) and len(val.x) == len(few.y_val)
+
+
+def test_augmented_data_streams_and_equals_model_fit(few, start):
+    """Augmented (or file) data goes through tf.data in the compiled loop too, with model.fit's results."""
+    from pipeline.stages.train import loop_feeds
+
+    augmented = dataclasses.replace(few, crop=1, flip=True)
+    assert all(isinstance(feed, loop.Stream) for feed in loop_feeds(augmented, 32, 0))
+    assert all(isinstance(feed, loop.Held) for feed in loop_feeds(few, 32, 0))
+    schedule = OneShot(target=0.5)
+    assert_same(job(augmented, start, schedule, fast=True), job(augmented, start, schedule, fast=False))
+
+
 def test_fast_finetune_equals_model_fit(few, start):
     """A gradual schedule: the compiled calls are split at each of its mask updates."""
     schedule = Gradual(target=0.6, frequency=3)
@@ -64,12 +98,10 @@ def test_a_second_job_reuses_the_compiled_loop_and_starts_afresh(few, start):
     gets alone: weights, masks and optimizer state were reset between them."""
     job(few, start, OneShot(target=0.3), fast=True)
     engines = dict(loop._engines)
-    traced = {k: (e.train.experimental_get_tracing_count(), e.validate.experimental_get_tracing_count())
-              for k, e in engines.items()}
+    traced = {k: traces(e) for k, e in engines.items()}
     second = job(few, start, OneShot(target=0.7), fast=True)
     assert loop._engines.keys() == engines.keys()
-    assert {k: (e.train.experimental_get_tracing_count(), e.validate.experimental_get_tracing_count())
-            for k, e in loop._engines.items()} == traced
+    assert {k: traces(e) for k, e in loop._engines.items()} == traced
     assert_same(second, job(few, start, OneShot(target=0.7), fast=False))
 
 
@@ -88,7 +120,7 @@ def test_jobs_share_the_compiled_loops_whatever_their_models_were_compiled_with(
         finetune(prune(model, Magnitude(), target, seed=0), few, PHASE, Magnitude(), OneShot(target), seed=0)
         accuracy = evaluate.test_metrics(model, few)["accuracy"]
         assert accuracy == model.evaluate(few.batches("test", 256), verbose=0)[1]
-        traced.append(({k: e.train.experimental_get_tracing_count() for k, e in loop._engines.items()},
+        traced.append(({k: traces(e) for k, e in loop._engines.items()},
                        {k: e.run.experimental_get_tracing_count() for k, e in evaluate._evaluators.items()}))
     assert traced[0] == traced[1]
 

@@ -6,6 +6,10 @@ sparsity schedule changes the masks, so masks change exactly at their steps. The
 own `train_step` (loss, regularization, loss scaling, metrics, the optimizer applying the mask
 constraints after every update), so the results are model.fit's.
 
+Data held in memory (arrays, not augmented) never goes through tf.data per example: the compiled loop
+gathers each batch from the split's tensors by the epoch's shuffled order (Held), the very batches the
+tf.data pipeline (Stream) gives.
+
 An Engine is a copy of a model with its optimizer, one mask variable per masked weight and the compiled
 loops. It is kept per model structure and training phase, and reused by every later fit of the same
 structure in this process (the jobs of a sweep): the model's variables, masks and a fresh optimizer
@@ -90,22 +94,36 @@ class Engine:
             return tf.add_n([tf.math.count_nonzero(tf.cast(w, "float32") * (1 - tf.cast(m, "float32")))
                              for w, m in pruned] or [tf.constant(0, tf.int64)])
 
-        @tf.function(reduce_retracing=True)
-        def train(iterator, n):
+        def steps(batch, begin, end):
             worst = tf.constant(0, tf.int64)
-            for _ in tf.range(n):
-                step(next(iterator))
+            for i in tf.range(begin, end):
+                step(batch(i))
                 if audit:  # the audit build checks every step that no pruned weight is non-zero
                     worst = tf.maximum(worst, pruned_nonzero())
             return twin.get_metrics_result(), worst
 
         @tf.function(reduce_retracing=True)
-        def validate(dataset):
+        def train_stream(iterator, n):
+            return steps(lambda i: next(iterator), 0, n)
+
+        @tf.function(reduce_retracing=True)
+        def train_held(x, y, order, size, begin, end):
+            return steps(lambda i: _gather(x, y, order[i * size:(i + 1) * size]), begin, end)
+
+        @tf.function(reduce_retracing=True)
+        def validate_stream(dataset):
             for batch in dataset:
                 twin.test_step(batch)
             return twin.get_metrics_result()
 
-        self.train, self.validate, self.pruned_nonzero = train, validate, pruned_nonzero
+        @tf.function(reduce_retracing=True)
+        def validate_held(x, y, size):
+            for i in tf.range((tf.shape(x)[0] + size - 1) // size):
+                twin.test_step((x[i * size:(i + 1) * size], y[i * size:(i + 1) * size]))
+            return twin.get_metrics_result()
+
+        self.train_stream, self.train_held, self.pruned_nonzero = train_stream, train_held, pruned_nonzero
+        self.validate_stream, self.validate_held = validate_stream, validate_held
 
     def load(self, model, optimizer: bool) -> None:
         """Copy the model's variables and masks in; with `optimizer`, reset its state to a fresh one's."""
@@ -117,6 +135,55 @@ class Engine:
 
     def store(self, model) -> None:
         assign_all(model.variables, self.twin.variables)
+
+
+def _gather(x, y, indices):
+    import tensorflow as tf
+
+    return tf.gather(x, indices), tf.gather(y, indices)
+
+
+class Stream:
+    """Batches from a tf.data pipeline (files, augmentation), iterated anew each epoch."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def epoch(self) -> None:
+        self.iterator = iter(self.batches)
+
+    def train(self, eng: Engine, begin: int, end: int):
+        """Steps begin..end-1 of this epoch (the iterator is at step begin)."""
+        import tensorflow as tf
+
+        return eng.train_stream(self.iterator, tf.constant(end - begin))
+
+    def validate(self, eng: Engine):
+        return eng.validate_stream(self.batches)
+
+
+class Held:
+    """A split held in memory as tensors, in batches of batch_size: shuffled anew each epoch by shuffle_seed
+    (tf.data's shuffle of the indices, so the same orders as examples(split, shuffle_seed)), or in order."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, shuffle_seed: int | None = None):
+        import tensorflow as tf
+
+        self.x, self.y, self.size = tf.constant(x), tf.constant(y), tf.constant(batch_size)
+        n = len(x)
+        self.orders = None if shuffle_seed is None else (
+            tf.data.Dataset.range(n).shuffle(n, seed=shuffle_seed, reshuffle_each_iteration=True).batch(n))
+
+    def epoch(self) -> None:
+        self.order = next(iter(self.orders))
+
+    def train(self, eng: Engine, begin: int, end: int):
+        import tensorflow as tf
+
+        return eng.train_held(self.x, self.y, self.order, self.size, tf.constant(begin), tf.constant(end))
+
+    def validate(self, eng: Engine):
+        return eng.validate_held(self.x, self.y, self.size)
 
 
 def cached(cache: collections.OrderedDict, key: str, make):
@@ -135,16 +202,14 @@ def engine(model, phase, total_steps: int, audit: bool = False) -> Engine:
     return cached(_engines, _key(model, phase, total_steps, audit), lambda: Engine(model, phase, total_steps, audit))
 
 
-def run(model, train_data, val_data, phase, steps_per_epoch: int, callbacks, at_steps=None,
-        audit: bool = False) -> dict[str, list[float]]:
-    """Fit `model` for phase.epochs of `steps_per_epoch` steps on `train_data` (iterated anew each epoch),
+def run(model, train_data: Stream | Held, val_data: Stream | Held, phase, steps_per_epoch: int, callbacks,
+        at_steps=None, audit: bool = False) -> dict[str, list[float]]:
+    """Fit `model` for phase.epochs of `steps_per_epoch` steps on `train_data` (shuffled anew each epoch),
     validating on `val_data` after each; `at_steps[s]()` runs before global step s with the model holding
     the current weights (it may change them and the masks). Keras callbacks get epoch and test events and
     one batch event per compiled call; the model holds the trained weights at every epoch end.
     Returns the history (per epoch: loss, metrics, val_ metrics, whatever callbacks add to the logs;
     `pruned_nonzero` with `audit`: the most pruned weights found non-zero after any step, i.e. 0)."""
-    import tensorflow as tf
-
     at_steps = at_steps or {}
     total = steps_per_epoch * phase.epochs
     eng = engine(model, phase, total, audit)
@@ -157,7 +222,8 @@ def run(model, train_data, val_data, phase, steps_per_epoch: int, callbacks, at_
     for epoch in range(phase.epochs):
         eng.twin.reset_metrics()
         cbs.on_epoch_begin(epoch)
-        iterator, first = iter(train_data), epoch * steps_per_epoch
+        train_data.epoch()
+        first = epoch * steps_per_epoch
         bounds = sorted({first, first + steps_per_epoch} | {s for s in at_steps if first < s < first + steps_per_epoch})
         worst = 0
         for begin, end in zip(bounds, bounds[1:]):
@@ -166,18 +232,18 @@ def run(model, train_data, val_data, phase, steps_per_epoch: int, callbacks, at_
                 at_steps[begin]()
                 eng.load(model, optimizer=False)
             cbs.on_train_batch_begin(begin - first)
-            logs, nonzero = eng.train(iterator, tf.constant(end - begin))
+            logs, nonzero = train_data.train(eng, begin - first, end - first)
             worst = max(worst, int(nonzero))
             cbs.on_train_batch_end(end - first - 1, logs)
         logs = {k: float(v) for k, v in logs.items()}
         eng.twin.reset_metrics()
         cbs.on_test_begin()
-        val = {f"val_{k}": float(v) for k, v in eng.validate(val_data).items()}
+        val = {f"val_{k}": float(v) for k, v in val_data.validate(eng).items()}
         cbs.on_test_end(val)
         logs.update(val)
         if audit:
             logs["pruned_nonzero"] = worst
-        iter(train_data)  # model.fit opens one more iterator at each epoch's end: the same shuffles as it
+        train_data.epoch()  # model.fit opens one more iterator at each epoch's end: the same shuffles as it
         eng.store(model)
         cbs.on_epoch_end(epoch, logs)
         if model.stop_training:

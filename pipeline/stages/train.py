@@ -138,22 +138,33 @@ def validation_batches(data, batch_size: int):
     return data.batches("val", batch_size)
 
 
+def loop_feeds(data, batch_size: int, seed: int):
+    """The fast loop's training and validation feeds: gathered in the compiled loop from arrays held in memory
+    (loop.Held), or the tf.data pipelines above where images stream from files or are augmented (loop.Stream)."""
+    from pipeline.stages import loop
+
+    if data.held("train") is None or data.crop or data.flip:
+        return loop.Stream(training_batches(data, batch_size, seed)), loop.Stream(validation_batches(data, batch_size))
+    return loop.Held(*data.held("train"), batch_size, seed), loop.Held(*data.held("val"), batch_size)
+
+
 def fit(model, data, phase: Phase, stage: str, callbacks=(), at_steps=None, fast: bool = True,
         audit: bool = False) -> dict[str, list[float]]:
     """Fit for phase.epochs on the training split (a seeded tf.data pipeline: the same data.seed, the same
     batches), validating on the validation split. `at_steps[s]()` runs before global step s (e.g. a mask
     update). Fast: pipeline.stages.loop (one compiled call per epoch, split at `at_steps`, compiled once per
-    process and structure); otherwise Keras's model.fit, one call per batch (at_steps from a callback)."""
+    process and structure, on loop_feeds); otherwise Keras's model.fit, one call per batch (at_steps from a
+    callback)."""
     seed = (getattr(data, "seed", 0) + zlib.crc32(stage.encode())) % 2**31  # each stage its own order
     steps = steps_per_epoch(data, phase)
     callbacks = [StopOnNonFinite(stage), EpochSeconds(), Progress(stage, PROGRESS_AFTER_S), *callbacks]
-    batches, val = training_batches(data, phase.batch_size, seed), validation_batches(data, phase.batch_size)
     if fast:
         from pipeline.stages import loop
 
-        return loop.run(model, batches, val, phase, steps, callbacks, at_steps, audit)
+        return loop.run(model, *loop_feeds(data, phase.batch_size, seed), phase, steps, callbacks, at_steps, audit)
     compile_model(model, phase, steps * phase.epochs)
-    history = model.fit(batches, epochs=phase.epochs, validation_data=val, shuffle=False, verbose=0,
+    history = model.fit(training_batches(data, phase.batch_size, seed), epochs=phase.epochs, shuffle=False,
+                        validation_data=validation_batches(data, phase.batch_size), verbose=0,
                         callbacks=[*callbacks, AtSteps(at_steps or {})])
     return {k: [float(v) for v in vals] for k, vals in history.history.items()}
 
