@@ -129,11 +129,26 @@ def for_job(conf: dict[str, Any], parts: dict, data, client, exp_id, uri: str):
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
-    """One seed for initialisation, shuffling and pruning; deterministic TF ops when asked."""
+    """One seed for initialisation, shuffling and pruning (Python's, NumPy's, Keras's and TensorFlow's, by
+    keras.utils.set_random_seed); deterministic TF ops when asked.
+
+    tf.random.set_seed also clears TensorFlow's kernel cache, after which every compiled function of the
+    process (the loops a sweep's worker keeps across its jobs) rebuilds its kernels on its next call: about
+    0.4 s a job. When TF has this seed already (a worker's next job), only its sequence of op seeds is reset:
+    the pipeline's random ops are stateless or seeded per dataset, so no cached kernel holds random state
+    (tests/test_speed.py: a job after others gives what it gives alone)."""
     import keras
     import tensorflow as tf
+    from tensorflow.python.eager import context
 
-    keras.utils.set_random_seed(seed)
+    ctx = context.context()
+    set_seed = tf.random.set_seed
+    if getattr(ctx, "_seed", None) == seed:
+        tf.random.set_seed = lambda s: setattr(ctx, "_rng", random.Random(s))
+    try:
+        keras.utils.set_random_seed(seed)
+    finally:
+        tf.random.set_seed = set_seed
     if deterministic:
         tf.config.experimental.enable_op_determinism()
 

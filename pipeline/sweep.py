@@ -314,6 +314,7 @@ class SweepCallback(Callback):
         return [by_job[k] for k in sorted(by_job)]
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        stop_idle_workers()
         results = self._results(config)
         failed = [r for r in results if r["status"] == "FAILED"]
         if self.parent:
@@ -340,6 +341,15 @@ class SweepCallback(Callback):
             for r in failed:
                 log.error("  failed: job %d %s: %s", r["job"] + 1, r["name"], r["error"])
             sys.exit(1)
+
+
+def stop_idle_workers() -> None:
+    """Stop the joblib launcher's worker processes, idle once the jobs are done: kept for reuse, they would
+    otherwise each tear TensorFlow down at the sweep's exit while it waits (seconds)."""
+    from joblib.externals.loky import reusable_executor
+
+    if reusable_executor._executor is not None:  # loky's process-wide executor, which joblib reuses
+        reusable_executor._executor.shutdown(wait=True, kill_workers=True)
 
 
 def log_frontier(client, parent: str, runs) -> list[str]:

@@ -170,3 +170,47 @@ def test_eval_latency_setting():
         validate(compose_config(["eval.latency=sometimes"]))
     assert [measures_latency(s, structured) for s in ("auto", "always", "never") for structured in (True, False)] \
         == [True, False, True, True, False, False]
+
+
+JOB_AFTER_OTHERS = """
+import sys, hashlib, keras, numpy as np
+from pipeline.baseline import seed_everything
+from pipeline.config import Phase
+from pipeline.data import Digits
+from pipeline.pruning.magnitude import Magnitude
+from pipeline.pruning.schedule import OneShot
+from pipeline.stages.finetune import finetune
+from pipeline.stages.prune import prune
+from pipeline.stages.train import train_baseline
+
+data = Digits(limit=400).load(0)
+
+def job(target):
+    seed_everything(0, True)
+    model = keras.Sequential([keras.Input(data.input_shape), keras.layers.Conv2D(4, 3, activation="relu"),
+                              keras.layers.Flatten(), keras.layers.Dropout(0.3), keras.layers.Dense(10)])
+    train_baseline(model, data, Phase(epochs=2, batch_size=32, lr=0.01), Magnitude())
+    seed_everything(0, True)
+    history = finetune(prune(model, Magnitude(), target, seed=0), data, Phase(epochs=2, batch_size=32, lr=0.01),
+                       Magnitude(), OneShot(target), seed=0)
+    return hashlib.sha256(b"".join(w.tobytes() for w in model.get_weights())).hexdigest(), history["loss"]
+
+for target in sys.argv[1:-1]:
+    job(float(target))
+print(job(float(sys.argv[-1])))
+"""
+
+
+def test_a_job_after_others_in_one_process_gives_what_it_gives_alone():
+    """A sweep's worker runs job after job: reseeding (which keeps TensorFlow's kernel cache, see
+    baseline.seed_everything) must leave no random state behind: initialisation, dropout, shuffling."""
+    import subprocess
+    import sys
+
+    def result(*targets):
+        out = subprocess.run([sys.executable, "-c", JOB_AFTER_OTHERS, *targets], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout.strip().splitlines()[-1]
+
+    assert result("0.3", "0.6", "0.5") == result("0.5")
