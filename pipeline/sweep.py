@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,23 @@ class Job:
         self._record(status="FAILED", error=f"{what}: {text}")
 
 
+def check_fits_all(checks: list[tuple]) -> list[str]:
+    """check_fits(spec, input_shape, num_classes) for each: the errors, one line each."""
+    errors = []
+    for check in checks:
+        try:
+            check_fits(*check)
+        except ConfigError as e:
+            errors.append(str(e))
+    return errors
+
+
+# Where the sweep checks that its models fit their data (they are built, so TensorFlow is imported): here,
+# unless a launcher whose jobs run in other processes sets a function that checks in one of its workers
+# (hydra/launcher=ray), sparing the sweep's process an import its workers make anyway.
+fit_checker: Callable[[list[tuple]], list[str]] | None = None
+
+
 class SweepCallback(Callback):
     """Validates the whole sweep, opens the parent run, and closes it with the report."""
 
@@ -219,15 +237,16 @@ class SweepCallback(Callback):
         parts = [validate(cfg) for cfg in configs]  # every job's config is checked before any trains
         if not basic:
             self._check_optimiser(config, parts[0]["tracking"])
-        datasets, checked = {}, set()
+        datasets, checks = {}, {}
         for cfg, part in zip(configs, parts):  # every data set is found and readable, every model fits it
             key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True) + str(cfg.seed)
             if key not in datasets:
                 datasets[key] = part["data"].load(cfg.seed)
             data, model_key = datasets[key], (key, json.dumps(OmegaConf.to_container(cfg.model), sort_keys=True))
-            if model_key not in checked:
-                checked.add(model_key)
-                check_fits(part["model"], data.input_shape, data.num_classes)
+            checks.setdefault(model_key, (part["model"], data.input_shape, data.num_classes))
+        errors = (fit_checker or check_fits_all)(list(checks.values()))
+        if errors:
+            raise ConfigError(errors[0])
         track = parts[0]["tracking"]
         os.environ[TOTAL_ENV], os.environ[START_ENV] = str(len(jobs)) if basic else "", str(time.time())
         os.environ[SWEPT_ENV] = json.dumps(swept_keys(config))

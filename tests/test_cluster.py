@@ -82,15 +82,39 @@ def check_sweep(proc, client, runs, job_logs="", n=2):
     return jobs
 
 
+def no_tensorflow(tmp_path) -> dict[str, str]:
+    """An environment in which the sweep's own process cannot import TensorFlow (its Ray workers can: they
+    are the head's processes): with Ray the workers check that the models fit, the sweep need not import it."""
+    fake = tmp_path / "no-tf" / "tensorflow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('the sweep imported TensorFlow')\n")
+    return {"PYTHONPATH": os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")])}
+
+
 def test_a_sweep_runs_on_a_ray_cluster_of_two_workers(ray_head, tmp_path):
-    """Three jobs on two long-lived workers: each imports TensorFlow once and runs its jobs one after another."""
-    proc, client, runs = sweep(tmp_path, "hydra/launcher=ray", env={"RAY_ADDRESS": ray_head, **LOOPBACK_RAY},
-                               targets="0.3,0.5,0.7")
+    """Three jobs on two long-lived workers: each imports TensorFlow once and runs its jobs one after another;
+    the sweep's process never imports it."""
+    proc, client, runs = sweep(tmp_path, "hydra/launcher=ray", targets="0.3,0.5,0.7",
+                               env={"RAY_ADDRESS": ray_head, **LOOPBACK_RAY, **no_tensorflow(tmp_path)})
     jobs = check_sweep(proc, client, runs, n=3)
     out = proc.stdout + proc.stderr
     assert "Ray launcher: 3 jobs on 2 workers on 127.0.0.1" in out
     workers = {int(pid) for pid in re.findall(r"pid (\d+) on \S+ \(preloaded in", out)}
     assert len(workers) == 2 and {int(j.data.tags["pid"]) for j in jobs} == workers  # one of them ran 2 jobs
+
+
+def test_a_model_that_does_not_fit_stops_a_ray_sweep_in_one_line(ray_head, tmp_path):
+    """The fit check made in a worker still stops the sweep before any job, with the one-line error."""
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "RAY_ADDRESS": ray_head, **LOOPBACK_RAY, **no_tensorflow(tmp_path)}
+    proc = subprocess.run([PY, "-m", "pipeline.run", "-m", *SMOKE, "sparsity.target=0.3,0.5", "hydra/launcher=ray",
+                           "model.padding=valid", "model.conv_layers=5", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+                           f"hydra.sweep.dir={work}/multirun"], cwd=work, capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: model=seed_cnn does not fit images of shape (8, 8, 1)" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "m.db").exists()
 
 
 def test_a_sweep_runs_through_submitit(tmp_path):

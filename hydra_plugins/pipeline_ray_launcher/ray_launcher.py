@@ -51,6 +51,12 @@ class Worker:
     def info(self) -> dict[str, Any]:
         return self.ready
 
+    def check_fits(self, checks: list[tuple]) -> list[str]:
+        """The sweep's check that its models fit their data (pipeline.sweep.fit_checker), made here."""
+        from pipeline.sweep import check_fits_all
+
+        return check_fits_all(checks)
+
     def run(self, env: dict[str, str], hydra_context: HydraContext, config: DictConfig, task_function: TaskFunction,
             singleton: dict, cwd: str) -> JobReturn:
         """One job: the sweep's environment and Hydra's state as the sweep had them, then Hydra's own run_job.
@@ -166,15 +172,23 @@ class StartWorkers(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.utils import instantiate
 
-        from pipeline.sweep import is_basic_sweeper, job_overrides
+        from pipeline import sweep
 
         try:
-            jobs = len(job_overrides(config)) if is_basic_sweeper(config) else None
+            jobs = len(sweep.job_overrides(config)) if sweep.is_basic_sweeper(config) else None
             _started.update(instantiate(config.hydra.launcher).start(jobs))
         except Exception as e:  # a wrong override is the sweep's callback's to report, in one line
             log.debug("Ray workers not started early: %s", e)
+            return
+        import ray
+
+        first = _started["pool"][0]  # it imports TensorFlow anyway: the sweep's process need not
+        sweep.fit_checker = lambda checks: ray.get(first.check_fits.remote(checks))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         import ray
 
+        from pipeline import sweep
+
+        sweep.fit_checker = None
         ray.shutdown()  # the workers end now (at the interpreter's exit it takes seconds longer)
