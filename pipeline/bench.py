@@ -36,7 +36,8 @@ HOOKS = {"4. Speed: steps per compiled call, parallel jobs": SPEED,
          "TensorFlow Model Optimization peer": "benchmarks/peer.md",  # written by other modules
          "Study reproduction": "benchmarks/study.md",
          "Real data: Fashion-MNIST, every method, next to TF-MOT": "benchmarks/real.md",
-         "Any Keras model: ResNet-20 and MobileNetV2, filter pruning on every coupled group": "benchmarks/models.md"}
+         "Any Keras model: ResNet-20 and MobileNetV2, filter pruning on every coupled group": "benchmarks/models.md",
+         "Beyond one machine: Ray workers, tracking server": "benchmarks/cluster.md"}
 
 
 def default_grid() -> list[float]:

@@ -68,7 +68,8 @@ def test_held_batches_are_the_tf_data_pipelines(few):
     held, stream = loop.Held(*few.held("train"), 48, shuffle_seed=7), training_batches(few, 48, seed=7)
     for _ in range(3):
         held.epoch()
-        gathered = [loop._gather(held.x, held.y, held.order[i:i + 48]) for i in range(0, len(few.y_train), 48)]
+        gathered = [(tf.gather(held.x, held.order[i:i + 48]), tf.gather(held.y, held.order[i:i + 48]))
+                    for i in range(0, len(few.y_train), 48)]
         for (x, y), (sx, sy) in zip(gathered, stream, strict=True):
             assert np.array_equal(x, sx) and np.array_equal(y, sy)
     val = loop.Held(*few.held("val"), 48)

@@ -108,7 +108,11 @@ class Engine:
 
         @tf.function(reduce_retracing=True)
         def train_held(x, y, order, size, begin, end):
-            return steps(lambda i: _gather(x, y, order[i * size:(i + 1) * size]), begin, end)
+            def batch(i):
+                indices = order[i * size:(i + 1) * size]
+                return tf.gather(x, indices), tf.gather(y, indices)
+
+            return steps(batch, begin, end)
 
         @tf.function(reduce_retracing=True)
         def validate_stream(dataset):
@@ -135,12 +139,6 @@ class Engine:
 
     def store(self, model) -> None:
         assign_all(model.variables, self.twin.variables)
-
-
-def _gather(x, y, indices):
-    import tensorflow as tf
-
-    return tf.gather(x, indices), tf.gather(y, indices)
 
 
 class Stream:
