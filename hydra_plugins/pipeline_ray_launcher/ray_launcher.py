@@ -163,6 +163,23 @@ class RayLauncher(Launcher):
             raise
 
 
+def check_on(worker):
+    """A pipeline.sweep.fit_checker that checks on `worker`, or here should the worker be gone (the launcher
+    then says why)."""
+    import ray
+
+    from pipeline.sweep import check_fits_all
+
+    def check(checks: list[tuple]) -> list[str]:
+        try:
+            return ray.get(worker.check_fits.remote(checks))
+        except ray.exceptions.RayError as e:
+            log.debug("models checked in the sweep's process: the worker failed (%s)", type(e).__name__)
+            return check_fits_all(checks)
+
+    return check
+
+
 class StartWorkers(Callback):
     """hydra.callbacks.ray_workers (set by hydra/launcher=ray, before the sweep's own callback): the workers
     start as the sweep does and import what the jobs need while the sweep validates them (Hydra creates
@@ -180,10 +197,7 @@ class StartWorkers(Callback):
         except Exception as e:  # a wrong override is the sweep's callback's to report, in one line
             log.debug("Ray workers not started early: %s", e)
             return
-        import ray
-
-        first = _started["pool"][0]  # it imports TensorFlow anyway: the sweep's process need not
-        sweep.fit_checker = lambda checks: ray.get(first.check_fits.remote(checks))
+        sweep.fit_checker = check_on(_started["pool"][0])  # it imports TensorFlow anyway: the sweep need not
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         import ray
