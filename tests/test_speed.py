@@ -174,7 +174,7 @@ def test_eval_latency_setting():
 
 
 JOB_AFTER_OTHERS = """
-import sys, hashlib, keras, numpy as np
+import sys, hashlib, keras
 from pipeline.baseline import seed_everything
 from pipeline.config import Phase
 from pipeline.data import Digits
@@ -189,7 +189,8 @@ data = Digits(limit=400).load(0)
 def job(target):
     seed_everything(0, True)
     model = keras.Sequential([keras.Input(data.input_shape), keras.layers.Conv2D(4, 3, activation="relu"),
-                              keras.layers.Flatten(), keras.layers.Dropout(0.3), keras.layers.Dense(10)])
+                              keras.layers.Flatten(), keras.layers.Dropout(0.3),
+                              keras.layers.Dense(10, activation="softmax")])
     train_baseline(model, data, Phase(epochs=2, batch_size=32, lr=0.01), Magnitude())
     seed_everything(0, True)
     history = finetune(prune(model, Magnitude(), target, seed=0), data, Phase(epochs=2, batch_size=32, lr=0.01),
