@@ -188,21 +188,20 @@ class Job:
         self._record(status="FAILED", error=f"{what}: {text}")
 
 
-def check_fits_all(checks: list[tuple]) -> list[str]:
-    """check_fits(spec, input_shape, num_classes) for each: the errors, one line each."""
-    errors = []
+def first_misfit(checks: list[tuple]) -> str | None:
+    """check_fits(spec, input_shape, num_classes) for each: the first one's error (one line), or None."""
     for check in checks:
         try:
             check_fits(*check)
         except ConfigError as e:
-            errors.append(str(e))
-    return errors
+            return str(e)
+    return None
 
 
 # Where the sweep checks that its models fit their data (they are built, so TensorFlow is imported): here,
 # unless a launcher whose jobs run in other processes sets a function that checks in one of its workers
 # (hydra/launcher=ray), sparing the sweep's process an import its workers make anyway.
-fit_checker: Callable[[list[tuple]], list[str]] | None = None
+fit_checker: Callable[[list[tuple]], str | None] | None = None
 
 
 class SweepCallback(Callback):
@@ -244,9 +243,9 @@ class SweepCallback(Callback):
                 datasets[key] = part["data"].load(cfg.seed)
             data, model_key = datasets[key], (key, json.dumps(OmegaConf.to_container(cfg.model), sort_keys=True))
             checks.setdefault(model_key, (part["model"], data.input_shape, data.num_classes))
-        errors = (fit_checker or check_fits_all)(list(checks.values()))
-        if errors:
-            raise ConfigError(errors[0])
+        misfit = (fit_checker or first_misfit)(list(checks.values()))
+        if misfit:
+            raise ConfigError(misfit)
         track = parts[0]["tracking"]
         os.environ[TOTAL_ENV], os.environ[START_ENV] = str(len(jobs)) if basic else "", str(time.time())
         os.environ[SWEPT_ENV] = json.dumps(swept_keys(config))

@@ -51,11 +51,11 @@ class Worker:
     def info(self) -> dict[str, Any]:
         return self.ready
 
-    def check_fits(self, checks: list[tuple]) -> list[str]:
+    def check_fits(self, checks: list[tuple]) -> str | None:
         """The sweep's check that its models fit their data (pipeline.sweep.fit_checker), made here."""
-        from pipeline.sweep import check_fits_all
+        from pipeline.sweep import first_misfit
 
-        return check_fits_all(checks)
+        return first_misfit(checks)
 
     def run(self, env: dict[str, str], hydra_context: HydraContext, config: DictConfig, task_function: TaskFunction,
             singleton: dict, cwd: str) -> JobReturn:
@@ -168,14 +168,14 @@ def check_on(worker):
     then says why)."""
     import ray
 
-    from pipeline.sweep import check_fits_all
+    from pipeline.sweep import first_misfit
 
-    def check(checks: list[tuple]) -> list[str]:
+    def check(checks: list[tuple]) -> str | None:
         try:
             return ray.get(worker.check_fits.remote(checks))
         except ray.exceptions.RayError as e:
             log.debug("models checked in the sweep's process: the worker failed (%s)", type(e).__name__)
-            return check_fits_all(checks)
+            return first_misfit(checks)
 
     return check
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.pruning import accounting
 from pipeline.pruning.masks import assign_all
-from pipeline.stages.loop import cached, structure
+from pipeline.stages.loop import Held, Stream, cached, in_order, structure, test_loops
 
 
 class Evaluator:
@@ -21,23 +21,14 @@ class Evaluator:
     its weights copied in (what model.evaluate computes, without tracing a test function per model)."""
 
     def __init__(self, model):
-        import tensorflow as tf
+        self.twin = keras.models.clone_model(model)
+        self.twin.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        self.validate_stream, self.validate_held = test_loops(self.twin)  # what a feed's validate() calls
 
-        self.twin = twin = keras.models.clone_model(model)
-        twin.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-
-        @tf.function(reduce_retracing=True)
-        def run(dataset):
-            for batch in dataset:
-                twin.test_step(batch)
-            return twin.get_metrics_result()
-
-        self.run = run
-
-    def __call__(self, model, dataset) -> dict[str, float]:
+    def __call__(self, model, feed: Held | Stream) -> dict[str, float]:
         assign_all(self.twin.variables, model.variables)
         self.twin.reset_metrics()
-        return {k: float(v) for k, v in self.run(dataset).items()}
+        return {k: float(v) for k, v in feed.validate(self).items()}
 
 
 _evaluators: collections.OrderedDict = collections.OrderedDict()
@@ -47,7 +38,7 @@ def test_metrics(model, data, split: str = "test") -> dict[str, float]:
     """Accuracy and loss on the test split (or `split`), by an Evaluator kept per model structure (the jobs
     of a sweep share one)."""
     key = json.dumps([structure(model), keras.mixed_precision.global_policy().name])
-    out = cached(_evaluators, key, lambda: Evaluator(model))(model, data.batches(split, 256))
+    out = cached(_evaluators, key, lambda: Evaluator(model))(model, in_order(data, split, 256))
     return {"accuracy": out["accuracy"], "loss": out["loss"]}
 
 

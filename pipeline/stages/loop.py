@@ -114,20 +114,8 @@ class Engine:
 
             return steps(batch, begin, end)
 
-        @tf.function(reduce_retracing=True)
-        def validate_stream(dataset):
-            for batch in dataset:
-                twin.test_step(batch)
-            return twin.get_metrics_result()
-
-        @tf.function(reduce_retracing=True)
-        def validate_held(x, y, size):
-            for i in tf.range((tf.shape(x)[0] + size - 1) // size):
-                twin.test_step((x[i * size:(i + 1) * size], y[i * size:(i + 1) * size]))
-            return twin.get_metrics_result()
-
         self.train_stream, self.train_held, self.pruned_nonzero = train_stream, train_held, pruned_nonzero
-        self.validate_stream, self.validate_held = validate_stream, validate_held
+        self.validate_stream, self.validate_held = test_loops(twin)
 
     def load(self, model, optimizer: bool) -> None:
         """Copy the model's variables and masks in; with `optimizer`, reset its state to a fresh one's."""
@@ -139,6 +127,26 @@ class Engine:
 
     def store(self, model) -> None:
         assign_all(model.variables, self.twin.variables)
+
+
+def test_loops(twin):
+    """A compiled model's test loops, returning its metrics: over a tf.data dataset of batches (Stream), and
+    over tensors held in memory, in order, in batches of `size` (Held)."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def validate_stream(dataset):
+        for batch in dataset:
+            twin.test_step(batch)
+        return twin.get_metrics_result()
+
+    @tf.function(reduce_retracing=True)
+    def validate_held(x, y, size):
+        for i in tf.range((tf.shape(x)[0] + size - 1) // size):
+            twin.test_step((x[i * size:(i + 1) * size], y[i * size:(i + 1) * size]))
+        return twin.get_metrics_result()
+
+    return validate_stream, validate_held
 
 
 class Stream:
@@ -182,6 +190,12 @@ class Held:
 
     def validate(self, eng: Engine):
         return eng.validate_held(self.x, self.y, self.size)
+
+
+def in_order(data, split: str, batch_size: int) -> Held | Stream:
+    """A split in order (validation, test): held in memory where the data set holds it, else its tf.data batches."""
+    held = data.held(split)
+    return Held(*held, batch_size) if held is not None else Stream(data.batches(split, batch_size))
 
 
 def cached(cache: collections.OrderedDict, key: str, make):

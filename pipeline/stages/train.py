@@ -143,9 +143,10 @@ def loop_feeds(data, batch_size: int, seed: int):
     (loop.Held), or the tf.data pipelines above where images stream from files or are augmented (loop.Stream)."""
     from pipeline.stages import loop
 
-    if data.held("train") is None or data.crop or data.flip:
-        return loop.Stream(training_batches(data, batch_size, seed)), loop.Stream(validation_batches(data, batch_size))
-    return loop.Held(*data.held("train"), batch_size, seed), loop.Held(*data.held("val"), batch_size)
+    held = data.held("train")
+    train = (loop.Stream(training_batches(data, batch_size, seed)) if held is None or data.crop or data.flip
+             else loop.Held(*held, batch_size, seed))
+    return train, loop.in_order(data, "val", batch_size)
 
 
 def fit(model, data, phase: Phase, stage: str, callbacks=(), at_steps=None, fast: bool = True,
