@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import tracking
+from pipeline import joblib_workers, tracking
 from pipeline.config import ConfigError, require, run_name, validate
 from pipeline.models import check_fits
 
@@ -121,7 +121,7 @@ def worker_threads(config: DictConfig, jobs: int | None) -> None:
     """With the joblib launcher, the cores are divided among its workers: each worker's TensorFlow gets
     cores // workers threads (TF_NUM_INTRAOP_THREADS and TF_NUM_INTEROP_THREADS, unless already set, are read
     when TensorFlow starts in the worker), so parallel jobs do not oversubscribe the machine."""
-    if not str(config.hydra.launcher.get("_target_", "")).endswith("JoblibLauncher"):
+    if not joblib_workers.is_joblib(config):
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     n_jobs = int(config.hydra.launcher.get("n_jobs") or -1)  # joblib's: -1 all cores, -2 all but one, ...
@@ -199,8 +199,8 @@ def first_misfit(checks: list[tuple]) -> str | None:
 
 
 # Where the sweep checks that its models fit their data (they are built, so TensorFlow is imported): here,
-# unless a launcher whose jobs run in other processes sets a function that checks in one of its workers
-# (hydra/launcher=ray), sparing the sweep's process an import its workers make anyway.
+# unless the jobs run in worker processes started with the sweep, which check in one of them, sparing the
+# sweep's process an import its workers make anyway: hydra/launcher=ray sets this; joblib's are ours to start.
 fit_checker: Callable[[list[tuple]], str | None] | None = None
 
 
@@ -208,6 +208,7 @@ class SweepCallback(Callback):
     """Validates the whole sweep, opens the parent run, and closes it with the report."""
 
     parent: str | None = None
+    env: dict[str, str] = {}  # what the jobs read from their sweep (SWEEP_ENV), set once the sweep started
 
     def __init__(self, flops_budget: float | None = None) -> None:
         """flops_budget (hydra.callbacks.sweep.flops_budget): the fraction of the dense model's FLOPs a
@@ -218,11 +219,20 @@ class SweepCallback(Callback):
         self.flops_budget = flops_budget
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
         try:
             self._start(config)
-        except ConfigError as e:  # Hydra turns a callback's exception into a warning: stop here instead
+            self.env = {k: os.environ[k] for k in SWEEP_ENV if k in os.environ}
+        except (ConfigError, HydraException, OmegaConfBaseException) as e:  # Hydra would turn a callback's
+            stop_idle_workers()                                             # exception into a warning
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
             sys.exit(2)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """In the job's process: the sweep's environment, which workers started before it was set lack."""
+        os.environ.update(self.env)
 
     def _start(self, config: DictConfig) -> None:
         from hydra import compose
@@ -231,6 +241,9 @@ class SweepCallback(Callback):
         # its jobs as results come in: what they all share is checked here, each job as it starts.
         basic = is_basic_sweeper(config)
         jobs = job_overrides(config) if basic else [shared_overrides(config)]
+        worker_threads(config, len(jobs) if basic else None)  # before any worker starts
+        checker = fit_checker or (joblib_workers.start(config, len(jobs) if basic else None)
+                                  if joblib_workers.is_joblib(config) else first_misfit)
         name = config.hydra.job.config_name
         configs = [compose(config_name=name, overrides=overrides) for overrides in jobs]
         parts = [validate(cfg) for cfg in configs]  # every job's config is checked before any trains
@@ -243,13 +256,12 @@ class SweepCallback(Callback):
                 datasets[key] = part["data"].load(cfg.seed)
             data, model_key = datasets[key], (key, json.dumps(OmegaConf.to_container(cfg.model), sort_keys=True))
             checks.setdefault(model_key, (part["model"], data.input_shape, data.num_classes))
-        misfit = (fit_checker or first_misfit)(list(checks.values()))
+        misfit = checker(list(checks.values()))
         if misfit:
             raise ConfigError(misfit)
         track = parts[0]["tracking"]
         os.environ[TOTAL_ENV], os.environ[START_ENV] = str(len(jobs)) if basic else "", str(time.time())
         os.environ[SWEPT_ENV] = json.dumps(swept_keys(config))
-        worker_threads(config, len(jobs) if basic else None)
         self._claim(Path(config.hydra.sweep.dir))
         results_file(config).unlink(missing_ok=True)
         os.environ[RESULTS_ENV] = str(results_file(config).resolve())

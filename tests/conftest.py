@@ -33,6 +33,21 @@ def run_pipeline(args, tmp_path, check=True, timeout=600, env=None):
     return proc
 
 
+def no_tensorflow_here(tmp_path) -> dict[str, str]:
+    """An environment in which the process a test starts (a sweep's) cannot import TensorFlow, while the
+    processes that one starts (its workers) import the real one: the sweep's process need not import it."""
+    fake = tmp_path / "no-tf" / "tensorflow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "import importlib, os, sys\n"
+        f"if os.getppid() == {os.getpid()}:\n"
+        "    raise ImportError('the sweep imported TensorFlow')\n"
+        f"sys.path[:] = [p for p in sys.path if p != {str(fake.parent)!r}]\n"
+        "del sys.modules['tensorflow']\n"
+        "sys.modules['tensorflow'] = importlib.import_module('tensorflow')\n")
+    return {"PYTHONPATH": os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")])}
+
+
 def run_in_process(tmp_path, overrides=()):
     """One job as python -m pipeline.run runs it (validate, load, fit check, run_job), in this process,
     into a tracking store under tmp_path: its result ({run_id, metrics})."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compose_config
+from conftest import compose_config, no_tensorflow_here
 from omegaconf import OmegaConf
 from test_failures import free_port
 
@@ -82,20 +82,11 @@ def check_sweep(proc, client, runs, job_logs="", n=2):
     return jobs
 
 
-def no_tensorflow(tmp_path) -> dict[str, str]:
-    """An environment in which the sweep's own process cannot import TensorFlow (its Ray workers can: they
-    are the head's processes): with Ray the workers check that the models fit, the sweep need not import it."""
-    fake = tmp_path / "no-tf" / "tensorflow"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('the sweep imported TensorFlow')\n")
-    return {"PYTHONPATH": os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")])}
-
-
 def test_a_sweep_runs_on_a_ray_cluster_of_two_workers(ray_head, tmp_path):
     """Three jobs on two long-lived workers: each imports TensorFlow once and runs its jobs one after another;
     the sweep's process never imports it."""
     proc, client, runs = sweep(tmp_path, "hydra/launcher=ray", targets="0.3,0.5,0.7",
-                               env={"RAY_ADDRESS": ray_head, **LOOPBACK_RAY, **no_tensorflow(tmp_path)})
+                               env={"RAY_ADDRESS": ray_head, **LOOPBACK_RAY, **no_tensorflow_here(tmp_path)})
     jobs = check_sweep(proc, client, runs, n=3)
     out = proc.stdout + proc.stderr
     assert "Ray launcher: 3 jobs on 2 workers on 127.0.0.1" in out
@@ -107,7 +98,7 @@ def test_a_model_that_does_not_fit_stops_a_ray_sweep_in_one_line(ray_head, tmp_p
     """The fit check made in a worker still stops the sweep before any job, with the one-line error."""
     work = tmp_path / "work"
     work.mkdir()
-    env = {**os.environ, "RAY_ADDRESS": ray_head, **LOOPBACK_RAY, **no_tensorflow(tmp_path)}
+    env = {**os.environ, "RAY_ADDRESS": ray_head, **LOOPBACK_RAY, **no_tensorflow_here(tmp_path)}
     proc = subprocess.run([PY, "-m", "pipeline.run", "-m", *SMOKE, "sparsity.target=0.3,0.5", "hydra/launcher=ray",
                            "model.padding=valid", "model.conv_layers=5", f"tracking.uri=sqlite:///{tmp_path}/m.db",
                            f"hydra.sweep.dir={work}/multirun"], cwd=work, capture_output=True, text=True,

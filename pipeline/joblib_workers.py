@@ -1,0 +1,69 @@
+"""hydra/launcher=joblib's workers, started with the sweep rather than when Hydra launches its jobs.
+
+Hydra's joblib launcher runs the jobs through joblib's Parallel, which reuses loky's process-wide executor
+when it is asked for one with the same options. The sweep's callback makes that executor first, from the
+launcher's own config, and has each worker import what a job needs (TensorFlow above all: seconds) while
+the sweep's process validates the jobs; the check that the models fit runs in one of these workers, so
+the sweep's process never imports TensorFlow. Workers read their environment when they start: the
+TensorFlow thread counts are set before; what the sweep sets later reaches each job by the sweep's
+callback (SweepCallback.on_job_start).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import threading
+from collections.abc import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("pipeline")
+PRELOAD = ("tensorflow", "pipeline.run", "mlflow.keras")  # what every job imports
+
+
+def is_joblib(config: DictConfig) -> bool:
+    return str(config.hydra.launcher.get("_target_", "")).endswith("JoblibLauncher")
+
+
+def _parallel(config: DictConfig):
+    """A Parallel with the options Hydra's joblib launcher gives its own: the same executor."""
+    from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
+    from joblib import Parallel
+
+    options = {k: v for k, v in OmegaConf.to_container(config.hydra.launcher, resolve=True).items() if k != "_target_"}
+    options["backend"] = "loky"  # as the launcher sets it
+    process_joblib_cfg(options)
+    return Parallel(**options)
+
+
+def _warm() -> None:
+    for module in PRELOAD:
+        importlib.import_module(module)
+    # The half million objects of these modules live as long as the worker: out of the collector's scans.
+    # loky collects after each task (without psutil), which otherwise costs about 0.3 s per job.
+    gc.freeze()
+
+
+def _check(checks: list[tuple]) -> str | None:
+    from pipeline.sweep import first_misfit
+
+    return first_misfit(checks)
+
+
+def start(config: DictConfig, jobs: int | None) -> Callable[[list[tuple]], str | None]:
+    """Start the workers, those that will get a job (of `jobs`, if known) importing PRELOAD in the
+    background; returns the sweep's fit checker, which checks in a worker once one is ready."""
+    from joblib import delayed, effective_n_jobs
+
+    def warm_all() -> None:
+        try:
+            parallel = _parallel(config)
+            workers = effective_n_jobs(parallel.n_jobs)
+            parallel(delayed(_warm)() for _ in range(min(workers, jobs or workers)))
+        except Exception as e:  # stopped (the sweep failed validation) or broken: the jobs will say why
+            log.debug("joblib workers not warmed: %s", e)
+
+    threading.Thread(target=warm_all, name="joblib-warm", daemon=True).start()
+    return lambda checks: _parallel(config)([delayed(_check)(checks)])[0]
