@@ -39,11 +39,16 @@ def _parallel(config: DictConfig):
 
 
 def _warm() -> None:
+    from joblib.externals.loky import process_executor
+
     for module in PRELOAD:
         importlib.import_module(module)
     # The half million objects of these modules live as long as the worker: out of the collector's scans.
-    # loky collects after each task (without psutil), which otherwise costs about 0.3 s per job.
     gc.freeze()
+    # Without psutil, loky runs a full collection after any task that ends a second after the last one: after
+    # every job, 0.15-0.3 s each, scanning what the jobs keep (compiled loops, the tracking store's tables).
+    # Python's own collector still runs as usual; loky's, once in ten minutes.
+    process_executor._MEMORY_LEAK_CHECK_DELAY = max(process_executor._MEMORY_LEAK_CHECK_DELAY, 600.0)
 
 
 def _check(checks: list[tuple]) -> str | None:
