@@ -3,10 +3,10 @@
 Hydra's joblib launcher runs the jobs through joblib's Parallel, which reuses loky's process-wide executor
 when it is asked for one with the same options. The sweep's callback makes that executor first, from the
 launcher's own config, and has each worker import what a job needs (TensorFlow above all: seconds) while
-the sweep's process validates the jobs; the check that the models fit runs in one of these workers, so
-the sweep's process never imports TensorFlow. Workers read their environment when they start: the
-TensorFlow thread counts are set before; what the sweep sets later reaches each job by the sweep's
-callback (SweepCallback.on_job_start).
+the sweep's process validates the jobs; the check that the data sets load and the models fit them runs in
+one of these workers, so the sweep's process never imports TensorFlow. Workers read their environment
+when they start: the TensorFlow thread counts are set before; what the sweep sets later reaches each job
+by the sweep's callback (SweepCallback.on_job_start).
 """
 
 from __future__ import annotations
@@ -52,14 +52,14 @@ def _warm() -> None:
 
 
 def _check(checks: list[tuple]) -> str | None:
-    from pipeline.sweep import first_misfit
+    from pipeline.sweep import first_problem
 
-    return first_misfit(checks)
+    return first_problem(checks)
 
 
 def start(config: DictConfig, jobs: int | None) -> Callable[[list[tuple]], str | None]:
     """Start the workers, those that will get a job (of `jobs`, if known) importing PRELOAD in the
-    background; returns the sweep's fit checker, which checks in a worker once one is ready."""
+    background; returns the sweep's job checker, which checks in a worker once one is ready."""
     from joblib import delayed, effective_n_jobs
 
     def warm_all() -> None:

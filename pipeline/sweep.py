@@ -188,20 +188,25 @@ class Job:
         self._record(status="FAILED", error=f"{what}: {text}")
 
 
-def first_misfit(checks: list[tuple]) -> str | None:
-    """check_fits(spec, input_shape, num_classes) for each: the first one's error (one line), or None."""
-    for check in checks:
+def first_problem(checks: list[tuple]) -> str | None:
+    """For each (data source, seed, model spec): the data loads and the model fits it. The first problem's
+    error (one line), or None."""
+    loaded = {}
+    for source, seed, spec in checks:
         try:
-            check_fits(*check)
+            key = repr((source, seed))
+            data = loaded[key] = loaded.get(key) or source.load(seed)
+            check_fits(spec, data.input_shape, data.num_classes)
         except ConfigError as e:
             return str(e)
     return None
 
 
-# Where the sweep checks that its models fit their data (they are built, so TensorFlow is imported): here,
-# unless the jobs run in worker processes started with the sweep, which check in one of them, sparing the
-# sweep's process an import its workers make anyway: hydra/launcher=ray sets this; joblib's are ours to start.
-fit_checker: Callable[[list[tuple]], str | None] | None = None
+# Where the sweep checks that its data sets load and its models fit them (models are built, so TensorFlow is
+# imported): here, unless the jobs run in worker processes started with the sweep, which check in one of
+# them, sparing the sweep's process what its workers do anyway: hydra/launcher=ray sets this; joblib's
+# workers are ours to start.
+job_checker: Callable[[list[tuple]], str | None] | None = None
 
 
 class SweepCallback(Callback):
@@ -242,23 +247,21 @@ class SweepCallback(Callback):
         basic = is_basic_sweeper(config)
         jobs = job_overrides(config) if basic else [shared_overrides(config)]
         worker_threads(config, len(jobs) if basic else None)  # before any worker starts
-        checker = fit_checker or (joblib_workers.start(config, len(jobs) if basic else None)
-                                  if joblib_workers.is_joblib(config) else first_misfit)
+        checker = job_checker or (joblib_workers.start(config, len(jobs) if basic else None)
+                                  if joblib_workers.is_joblib(config) else first_problem)
         name = config.hydra.job.config_name
         configs = [compose(config_name=name, overrides=overrides) for overrides in jobs]
         parts = [validate(cfg) for cfg in configs]  # every job's config is checked before any trains
         if not basic:
             self._check_optimiser(config, parts[0]["tracking"])
-        datasets, checks = {}, {}
-        for cfg, part in zip(configs, parts):  # every data set is found and readable, every model fits it
-            key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True) + str(cfg.seed)
-            if key not in datasets:
-                datasets[key] = part["data"].load(cfg.seed)
-            data, model_key = datasets[key], (key, json.dumps(OmegaConf.to_container(cfg.model), sort_keys=True))
-            checks.setdefault(model_key, (part["model"], data.input_shape, data.num_classes))
-        misfit = checker(list(checks.values()))
-        if misfit:
-            raise ConfigError(misfit)
+        checks = {}  # every data set must be found and readable, every model fit it
+        for cfg, part in zip(configs, parts):
+            key = json.dumps([OmegaConf.to_container(cfg.data, resolve=True), cfg.seed,
+                              OmegaConf.to_container(cfg.model, resolve=True)], sort_keys=True)
+            checks.setdefault(key, (part["data"], cfg.seed, part["model"]))
+        problem = checker(list(checks.values()))
+        if problem:
+            raise ConfigError(problem)
         track = parts[0]["tracking"]
         os.environ[TOTAL_ENV], os.environ[START_ENV] = str(len(jobs)) if basic else "", str(time.time())
         os.environ[SWEPT_ENV] = json.dumps(swept_keys(config))

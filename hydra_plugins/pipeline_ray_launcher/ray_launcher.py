@@ -51,11 +51,11 @@ class Worker:
     def info(self) -> dict[str, Any]:
         return self.ready
 
-    def check_fits(self, checks: list[tuple]) -> str | None:
-        """The sweep's check that its models fit their data (pipeline.sweep.fit_checker), made here."""
-        from pipeline.sweep import first_misfit
+    def check(self, checks: list[tuple]) -> str | None:
+        """The sweep's check that its data sets load and its models fit them (pipeline.sweep.job_checker)."""
+        from pipeline.sweep import first_problem
 
-        return first_misfit(checks)
+        return first_problem(checks)
 
     def run(self, env: dict[str, str], hydra_context: HydraContext, config: DictConfig, task_function: TaskFunction,
             singleton: dict, cwd: str) -> JobReturn:
@@ -164,18 +164,18 @@ class RayLauncher(Launcher):
 
 
 def check_on(worker):
-    """A pipeline.sweep.fit_checker that checks on `worker`, or here should the worker be gone (the launcher
+    """A pipeline.sweep.job_checker that checks on `worker`, or here should the worker be gone (the launcher
     then says why)."""
     import ray
 
-    from pipeline.sweep import first_misfit
+    from pipeline.sweep import first_problem
 
     def check(checks: list[tuple]) -> str | None:
         try:
-            return ray.get(worker.check_fits.remote(checks))
+            return ray.get(worker.check.remote(checks))
         except ray.exceptions.RayError as e:
             log.debug("models checked in the sweep's process: the worker failed (%s)", type(e).__name__)
-            return first_misfit(checks)
+            return first_problem(checks)
 
     return check
 
@@ -197,12 +197,12 @@ class StartWorkers(Callback):
         except Exception as e:  # a wrong override is the sweep's callback's to report, in one line
             log.debug("Ray workers not started early: %s", e)
             return
-        sweep.fit_checker = check_on(_started["pool"][0])  # it imports TensorFlow anyway: the sweep need not
+        sweep.job_checker = check_on(_started["pool"][0])  # it imports TensorFlow anyway: the sweep need not
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         import ray
 
         from pipeline import sweep
 
-        sweep.fit_checker = None
+        sweep.job_checker = None
         ray.shutdown()  # the workers end now (at the interpreter's exit it takes seconds longer)
