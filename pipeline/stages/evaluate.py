@@ -61,23 +61,25 @@ def weight_metrics(model, small_model=None) -> dict[str, float]:
     return out
 
 
-def latency_ms(model, x: np.ndarray, repeats: int) -> float:
-    """Median wall time of one compiled forward pass."""
-    return paired_latency_ms([model], x, repeats)[0]
+def compiled_forward(model, image_shape: tuple[int, ...]):
+    """The model's forward pass (inference), compiled once for batches of any size."""
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, *image_shape], "float32")
+    return tf.function(lambda batch: model(batch, training=False), input_signature=[spec])
 
 
-def paired_latency_ms(models: list, x: np.ndarray, repeats: int) -> list[float]:
-    """Median wall time of one compiled forward pass of each model, timed in turn (A, B, A, B, ...) so
+def paired_latency_ms(forwards: list, x: np.ndarray, repeats: int) -> list[float]:
+    """Median wall time of each compiled forward pass on the batch `x`, timed in turn (A, B, A, B, ...) so
     that every model sees the same machine load: timing one model after the other lets a change in
     load (a shared machine) turn into a false speed-up or slow-down."""
     import tensorflow as tf
 
-    forwards = [tf.function(lambda batch, m=m: m(batch, training=False)) for m in models]
     batch = tf.constant(x)
     for forward in forwards:
         for _ in range(3):
             forward(batch)
-    times = [[] for _ in models]
+    times = [[] for _ in forwards]
     for _ in range(repeats):
         for forward, series in zip(forwards, times):
             start = time.perf_counter()
@@ -105,10 +107,11 @@ def evaluate(model, data, dense_model=None, small_model=None, latency: str = "au
     out["masked_accuracy"] = test_metrics(model, data)["accuracy"] if small_model is not None else out["accuracy"]
     out.update(weight_metrics(model, small_model))
     if dense_model is not None and measures_latency(latency, small_model is not None):
+        x = data.sample(max(LATENCY_REPEATS)).astype("float32")
+        forwards = [compiled_forward(m, x.shape[1:]) for m in (dense_model, final)]
         for batch, repeats in LATENCY_REPEATS.items():
-            x = data.sample(batch).astype("float32")
             suffix = "" if batch == 1 else f"_b{batch}"
-            dense_ms, pruned_ms = paired_latency_ms([dense_model, final], x, repeats)
+            dense_ms, pruned_ms = paired_latency_ms(forwards, x[:batch], repeats)
             out[f"latency_ms_dense{suffix}"], out[f"latency_ms_pruned{suffix}"] = dense_ms, pruned_ms
         out["speedup_measured"] = out["latency_ms_dense_b256"] / out["latency_ms_pruned_b256"]
     return out
