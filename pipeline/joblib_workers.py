@@ -14,10 +14,12 @@ from __future__ import annotations
 import gc
 import importlib
 import logging
+import os
 import threading
-from collections.abc import Callable
 
 from omegaconf import DictConfig, OmegaConf
+
+from pipeline.sweep import Workers
 
 log = logging.getLogger("pipeline")
 PRELOAD = ("tensorflow", "pipeline.run", "mlflow.keras")  # what every job imports
@@ -25,6 +27,17 @@ PRELOAD = ("tensorflow", "pipeline.run", "mlflow.keras")  # what every job impor
 
 def is_joblib(config: DictConfig) -> bool:
     return str(config.hydra.launcher.get("_target_", "")).endswith("JoblibLauncher")
+
+
+def divide_threads(config: DictConfig, jobs: int | None) -> None:
+    """The cores are divided among the workers: each worker's TensorFlow gets
+    cores // workers threads (TF_NUM_INTRAOP_THREADS and TF_NUM_INTEROP_THREADS, unless already set, are read
+    when TensorFlow starts in the worker), so parallel jobs do not oversubscribe the machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n_jobs = int(config.hydra.launcher.get("n_jobs") or -1)  # joblib's: -1 all cores, -2 all but one, ...
+    workers = max(1, min(n_jobs if n_jobs > 0 else cores + 1 + n_jobs, jobs or cores))
+    for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+        os.environ.setdefault(name, str(max(1, cores // workers)))
 
 
 def _parallel(config: DictConfig):
@@ -57,18 +70,42 @@ def _check(checks: list[tuple]) -> str | None:
     return first_problem(checks)
 
 
-def start(config: DictConfig, jobs: int | None) -> Callable[[list[tuple]], str | None]:
-    """Start the workers, those that will get a job (of `jobs`, if known) importing PRELOAD in the
-    background; returns the sweep's job checker, which checks in a worker once one is ready."""
-    from joblib import delayed, effective_n_jobs
+def _prepare(cfg: DictConfig) -> None:
+    from pipeline.run import prepare_baseline
 
-    def warm_all() -> None:
-        try:
-            parallel = _parallel(config)
-            workers = effective_n_jobs(parallel.n_jobs)
-            parallel(delayed(_warm)() for _ in range(min(workers, jobs or workers)))
-        except Exception as e:  # stopped (the sweep failed validation) or broken: the jobs will say why
-            log.debug("joblib workers not warmed: %s", e)
+    prepare_baseline(cfg)
 
-    threading.Thread(target=warm_all, name="joblib-warm", daemon=True).start()
-    return lambda checks: _parallel(config)([delayed(_check)(checks)])[0]
+
+class JoblibWorkers(Workers):
+    """The joblib launcher's workers, started at once; each imports PRELOAD in the background (those that
+    will get a job, of `jobs` if known)."""
+
+    def __init__(self, config: DictConfig, jobs: int | None):
+        from joblib import delayed, effective_n_jobs
+
+        divide_threads(config, jobs)  # before any worker starts
+        self.config = config
+        parallel = _parallel(config)
+        workers = effective_n_jobs(parallel.n_jobs)
+        self._background(parallel, [delayed(_warm)() for _ in range(min(workers, jobs or workers))], "warmed")
+
+    @staticmethod
+    def _background(parallel, tasks: list, what: str) -> None:
+        def run() -> None:
+            try:
+                parallel(tasks)
+            except Exception as e:  # stopped (the sweep failed validation) or broken: the jobs will say why
+                log.debug("joblib workers not %s: %s", what, e)
+
+        threading.Thread(target=run, name=f"joblib-{what}", daemon=True).start()
+
+    def check(self, checks: list[tuple]) -> str | None:
+        """In a worker, once one is ready."""
+        from joblib import delayed
+
+        return _parallel(self.config)([delayed(_check)(checks)])[0]
+
+    def prepare(self, cfg: DictConfig) -> None:
+        from joblib import delayed
+
+        self._background(_parallel(self.config), [delayed(_prepare)(cfg)], "preparing the baseline")

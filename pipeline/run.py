@@ -53,9 +53,7 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
     conf = job_config(cfg)
     ident = identity(cfg.seed, parts, data.digest)
     chash, name = config_hash(ident), run_name(method.name, schedule.target)
-    uri = tracking.resolve_uri(track.uri)
-    client = tracking.client(uri) if track.enabled else None
-    exp_id = tracking.experiment_id(client, track.experiment, uri) if client else None
+    uri, client, exp_id = open_store(track)
     if client:
         tracking.close_journaled(client)
         tracking.close_abandoned(client, exp_id, chash)
@@ -119,6 +117,32 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
                  run.logged.get("baseline/accuracy", float("nan")), run.logged.get("pruned/accuracy", 0),
                  metrics["accuracy"], metrics["sparsity"], run.id)
         return {"run_id": run.id, **metrics}
+
+
+def open_store(track) -> tuple:
+    """The tracking store's (uri, client, experiment id); client and id are None with tracking off."""
+    uri = tracking.resolve_uri(track.uri)
+    client = tracking.client(uri) if track.enabled else None
+    return uri, client, tracking.experiment_id(client, track.experiment, uri) if client else None
+
+
+def prepare_baseline(cfg: DictConfig) -> None:
+    """Find or train the baseline of the job of this config, as run_job would (same seed, same store and
+    cache), unless that job FINISHED already and will be skipped: a sweep's worker starts on it while the
+    sweep is still starting, so that its jobs find it ready."""
+    from pipeline import baseline
+    from pipeline.stages.train import configure
+
+    parts = validate(cfg)
+    data = parts["data"].load(cfg.seed)
+    training, track = parts["training"], parts["tracking"]
+    baseline.seed_everything(cfg.seed, training.deterministic)
+    configure(training)
+    uri, client, exp_id = open_store(track)
+    chash = config_hash(identity(cfg.seed, parts, data.digest))
+    if client and track.skip_finished and tracking.finished_run(client, exp_id, chash) is not None:
+        return
+    baseline.for_job(job_config(cfg), parts, data, client, exp_id, uri)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

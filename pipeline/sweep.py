@@ -11,7 +11,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import joblib_workers, tracking
+from pipeline import tracking
 from pipeline.config import ConfigError, require, run_name, validate
 from pipeline.models import check_fits
 
@@ -117,19 +116,6 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def worker_threads(config: DictConfig, jobs: int | None) -> None:
-    """With the joblib launcher, the cores are divided among its workers: each worker's TensorFlow gets
-    cores // workers threads (TF_NUM_INTRAOP_THREADS and TF_NUM_INTEROP_THREADS, unless already set, are read
-    when TensorFlow starts in the worker), so parallel jobs do not oversubscribe the machine."""
-    if not joblib_workers.is_joblib(config):
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    n_jobs = int(config.hydra.launcher.get("n_jobs") or -1)  # joblib's: -1 all cores, -2 all but one, ...
-    workers = max(1, min(n_jobs if n_jobs > 0 else cores + 1 + n_jobs, jobs or cores))
-    for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
-        os.environ.setdefault(name, str(max(1, cores // workers)))
-
-
 class Job:
     """One job of a sweep: announces itself and records how it ended. With Hydra's basic sweeper the
     sweep's callback knows the total and validated this job before any started; with another sweeper
@@ -202,11 +188,22 @@ def first_problem(checks: list[tuple]) -> str | None:
     return None
 
 
-# Where the sweep checks that its data sets load and its models fit them (models are built, so TensorFlow is
-# imported): here, unless the jobs run in worker processes started with the sweep, which check in one of
-# them, sparing the sweep's process what its workers do anyway: hydra/launcher=ray sets this; joblib's
-# workers are ours to start.
-job_checker: Callable[[list[tuple]], str | None] | None = None
+class Workers:
+    """What the sweep asks of the processes its jobs will run in, before any job starts: check that its data
+    sets load and its models fit them (check), and find or train the first job's baseline (prepare, which
+    returns at once). Here, the jobs run in the sweep's process (Hydra's basic launcher): the sweep checks,
+    and its first job trains the baseline. Launchers whose workers start with the sweep do both in a worker,
+    sparing the sweep's process TensorFlow and having the baseline ready sooner: hydra/launcher=ray (which
+    sets `workers`) and joblib (pipeline/joblib_workers.py)."""
+
+    def check(self, checks: list[tuple]) -> str | None:
+        return first_problem(checks)
+
+    def prepare(self, cfg: DictConfig) -> None:
+        pass
+
+
+workers: Workers | None = None
 
 
 class SweepCallback(Callback):
@@ -242,13 +239,14 @@ class SweepCallback(Callback):
     def _start(self, config: DictConfig) -> None:
         from hydra import compose
 
+        from pipeline import joblib_workers
+
         # The basic sweeper's jobs are known: each is checked here, before any trains. Another sweeper picks
         # its jobs as results come in: what they all share is checked here, each job as it starts.
         basic = is_basic_sweeper(config)
         jobs = job_overrides(config) if basic else [shared_overrides(config)]
-        worker_threads(config, len(jobs) if basic else None)  # before any worker starts
-        checker = job_checker or (joblib_workers.start(config, len(jobs) if basic else None)
-                                  if joblib_workers.is_joblib(config) else first_problem)
+        pool = workers or (joblib_workers.JoblibWorkers(config, len(jobs) if basic else None)
+                           if joblib_workers.is_joblib(config) else Workers())
         name = config.hydra.job.config_name
         configs = [compose(config_name=name, overrides=overrides) for overrides in jobs]
         parts = [validate(cfg) for cfg in configs]  # every job's config is checked before any trains
@@ -259,7 +257,7 @@ class SweepCallback(Callback):
             key = json.dumps([OmegaConf.to_container(cfg.data, resolve=True), cfg.seed,
                               OmegaConf.to_container(cfg.model, resolve=True)], sort_keys=True)
             checks.setdefault(key, (part["data"], cfg.seed, part["model"]))
-        problem = checker(list(checks.values()))
+        problem = pool.check(list(checks.values()))
         if problem:
             raise ConfigError(problem)
         track = parts[0]["tracking"]
@@ -272,7 +270,9 @@ class SweepCallback(Callback):
             return
         uri = tracking.resolve_uri(track.uri)
         tracking.check_store(uri)
-        client = tracking.client(uri)  # the database and experiment exist before any worker starts
+        if basic:  # all is checked: a worker may write to the store (the store's creation is locked)
+            pool.prepare(configs[0])
+        client = tracking.client(uri)  # the database and experiment exist before any job starts
         exp_id = tracking.experiment_id(client, track.experiment, uri)
         parent = client.create_run(exp_id, run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
                                    tags={**tracking.context_tags(), "kind": "sweep",

@@ -30,6 +30,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from pipeline.sweep import Workers
+
 log = logging.getLogger(__name__)
 # A job's options (hydra.launcher.remote) -> the cluster resource each one takes
 RESOURCES = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
@@ -52,10 +54,19 @@ class Worker:
         return self.ready
 
     def check(self, checks: list[tuple]) -> str | None:
-        """The sweep's check that its data sets load and its models fit them (pipeline.sweep.job_checker)."""
+        """The sweep's check that its data sets load and its models fit them (pipeline.sweep.Workers)."""
         from pipeline.sweep import first_problem
 
         return first_problem(checks)
+
+    def prepare(self, cfg: DictConfig, cwd: str) -> None:
+        """The first job's baseline, found or trained before the jobs start (pipeline.sweep.Workers), from the
+        sweep's folder as the jobs run (a relative tracking.uri)."""
+        from pipeline.run import prepare_baseline
+
+        if os.path.isdir(cwd):
+            os.chdir(cwd)
+        prepare_baseline(cfg)
 
     def run(self, env: dict[str, str], hydra_context: HydraContext, config: DictConfig, task_function: TaskFunction,
             singleton: dict, cwd: str) -> JobReturn:
@@ -163,21 +174,24 @@ class RayLauncher(Launcher):
             raise
 
 
-def check_on(worker):
-    """A pipeline.sweep.job_checker that checks on `worker`, or here should the worker be gone (the launcher
-    then says why)."""
-    import ray
+class RayWorkers(Workers):
+    """The sweep's checks and its first baseline on `worker`; the checks here should the worker be gone (the
+    launcher then says why)."""
 
-    from pipeline.sweep import first_problem
+    def __init__(self, worker) -> None:
+        self.worker = worker
 
-    def check(checks: list[tuple]) -> str | None:
+    def check(self, checks: list[tuple]) -> str | None:
+        import ray
+
         try:
-            return ray.get(worker.check.remote(checks))
+            return ray.get(self.worker.check.remote(checks))
         except ray.exceptions.RayError as e:
-            log.debug("models checked in the sweep's process: the worker failed (%s)", type(e).__name__)
-            return first_problem(checks)
+            log.debug("data and models checked in the sweep's process: the worker failed (%s)", type(e).__name__)
+            return super().check(checks)
 
-    return check
+    def prepare(self, cfg: DictConfig) -> None:
+        self.worker.prepare.remote(cfg, os.getcwd())  # its next call waits for it; failing, a job trains it
 
 
 class StartWorkers(Callback):
@@ -197,12 +211,12 @@ class StartWorkers(Callback):
         except Exception as e:  # a wrong override is the sweep's callback's to report, in one line
             log.debug("Ray workers not started early: %s", e)
             return
-        sweep.job_checker = check_on(_started["pool"][0])  # it imports TensorFlow anyway: the sweep need not
+        sweep.workers = RayWorkers(_started["pool"][0])  # it imports TensorFlow anyway: the sweep need not
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         import ray
 
         from pipeline import sweep
 
-        sweep.job_checker = None
+        sweep.workers = None
         ray.shutdown()  # the workers end now (at the interpreter's exit it takes seconds longer)
