@@ -181,8 +181,9 @@ def first_problem(checks: list[tuple]) -> str | None:
     for source, seed, spec in checks:
         try:
             key = repr((source, seed))
-            data = loaded[key] = loaded.get(key) or source.load(seed)
-            check_fits(spec, data.input_shape, data.num_classes)
+            if key not in loaded:
+                loaded[key] = source.load(seed)
+            check_fits(spec, loaded[key].input_shape, loaded[key].num_classes)
         except ConfigError as e:
             return str(e)
     return None
@@ -227,8 +228,9 @@ class SweepCallback(Callback):
         try:
             self._start(config)
             self.env = {k: os.environ[k] for k in SWEEP_ENV if k in os.environ}
-        except (ConfigError, HydraException, OmegaConfBaseException) as e:  # Hydra would turn a callback's
-            stop_idle_workers()                                             # exception into a warning
+        except (ConfigError, HydraException, OmegaConfBaseException) as e:
+            # Hydra would turn a callback's exception into a warning: stop here, in one line
+            stop_idle_workers()
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
             sys.exit(2)
 

@@ -92,6 +92,8 @@ def test_a_sweep_runs_on_a_ray_cluster_of_two_workers(ray_head, tmp_path):
     assert "Ray launcher: 3 jobs on 2 workers on 127.0.0.1" in out
     workers = {int(pid) for pid in re.findall(r"pid (\d+) on \S+ \(preloaded in", out)}
     assert len(workers) == 2 and {int(j.data.tags["pid"]) for j in jobs} == workers  # one of them ran 2 jobs
+    # a worker trained the baseline as the sweep started, before any job
+    assert {j.data.tags["baseline_trained_here"] for j in jobs} == {"false"}
 
 
 def test_a_model_that_does_not_fit_stops_a_ray_sweep_in_one_line(ray_head, tmp_path):

@@ -103,6 +103,23 @@ def test_slimming_gives_the_same_result_whether_or_not_it_trained_the_baseline(t
     assert "eval/accuracy" in results[0] and results[0] == results[1]
 
 
+def test_a_baseline_prepared_ahead_of_its_job_is_the_one_the_job_would_train(tmp_path):
+    """A sweep's worker trains the first job's baseline before the jobs start (run.prepare_baseline): the
+    job then loads it, with the results it gets training the baseline itself."""
+    from pipeline.run import prepare_baseline
+
+    args = [*SMOKE, "model=vgg_bn", "model.widths=[8,8]", "model.hidden=16", "sparsity.target=0.4"]
+    prepare_baseline(compose_config([*args, f"tracking.uri=sqlite:///{tmp_path / 'ahead'}/mlflow.db"]))
+    run_in_process(tmp_path / "ahead", args)
+    run_in_process(tmp_path / "in_job", args)
+    (ahead,), (in_job,) = job_runs(tmp_path / "ahead"), job_runs(tmp_path / "in_job")
+    assert ahead.data.tags["baseline_trained_here"] == "false" and in_job.data.tags["baseline_trained_here"] == "true"
+    timing = ("latency", "speedup_measured", "seconds")
+    results = [{k: v for k, v in run.data.metrics.items() if not any(t in k for t in timing)}
+               for run in (ahead, in_job)]
+    assert "baseline/accuracy" in results[0] and results[0] == results[1]
+
+
 def test_where_the_data_lies_is_not_what_it_is():
     npz = ["data=npz", "data.path=/a.npz"]
     assert job_hash(npz) == job_hash(["data=npz", "data.path=/b.npz"])  # the digest stands for the content
