@@ -121,9 +121,9 @@ def sweep(name: str, tmp: Path, args: list[str], env: dict | None = None) -> dic
 
 def phases(uri: str, start: float, end: float) -> dict:
     """Where a sweep's time went, from its runs' clocks: `start` until the first job's run opens (interpreter,
-    validation, Ray's connection, workers, TensorFlow), `baseline` until the baseline's run ends (one job
-    trains it, the others wait), `jobs` until the last job's run ends, `end` the report; and how many
-    processes ran jobs."""
+    validation, Ray's connection, workers, TensorFlow), `baseline` until the baseline's run ends (trained by
+    the first job, or on Ray by a worker as the sweep starts; the jobs that need it wait), `jobs` until the
+    last job's run ends, `end` the report; and how many processes ran jobs."""
     client = tracking.client(uri)
     runs = client.search_runs([client.get_experiment_by_name("pruning").experiment_id])
     jobs = [r for r in runs if r.data.tags.get("config_hash")]
@@ -182,9 +182,10 @@ def write(out: str, budget: str, runs: dict, server: dict, speedup: float, pairs
         "sqlite store (its baseline trained once), basic and Ray alternating; a Ray head (2 CPUs) on 127.0.0.1 "
         "started before them and running through all of them.", "",
         "Phases (s, from the runs' own clocks): start, until the first job's run opens (interpreter, validation of "
-        "every job, Ray's connection and workers); baseline, until the baseline's run ends (one job trains it, the "
-        "other worker waits); jobs, until the last job's run ends; end, the report and the exit. Processes: how "
-        "many ran jobs.", "",
+        "every job, Ray's connection and workers); baseline, until the baseline's run ends (on the basic launcher "
+        "the first job trains it; on Ray a worker starts on it before the jobs, while the sweep opens its parent run, "
+        "and the jobs that need it wait); jobs, until the last job's run ends; end, the report and the exit. "
+        "Processes: how many ran jobs.", "",
         "| sweep | wall (s) | start | baseline | jobs | end | median job (s) | processes | load avg |",
         "|---|---|---|---|---|---|---|---|---|",
         *(f"| {name} | {r['wall_s']} | {cell(r, 'start')} | {cell(r, 'baseline')} | {cell(r, 'jobs')} | "
@@ -201,8 +202,8 @@ def write(out: str, budget: str, runs: dict, server: dict, speedup: float, pairs
         slower, faster = job["ray"] / job["basic"], phase("basic", "jobs") / phase("ray", "jobs")
         lines.append(f"- Where it goes (medians): the jobs phase is {faster:.2f}x "
                      f"faster on Ray, whose jobs each take {slower:.2f}x as long as the basic launcher's (two at once "
-                     f"on 2 cores); the fixed costs, which no launcher divides (start, the baseline one job trains "
-                     f"while the other waits, the report), are {fixed['basic']:.1f}s on the basic launcher and "
+                     f"on 2 cores); the fixed costs, which no launcher divides (start, the baseline that jobs "
+                     f"wait for, the report), are {fixed['basic']:.1f}s on the basic launcher and "
                      f"{fixed['ray']:.1f}s on Ray. The longer the jobs, the closer the whole sweep's ratio comes to "
                      "the jobs phase's.")
     ray = runs["ray"]
