@@ -19,7 +19,7 @@ import threading
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.sweep import Workers
+from pipeline.sweep import Workers, first_problem
 
 log = logging.getLogger("pipeline")
 PRELOAD = ("tensorflow", "pipeline.run", "mlflow.keras")  # what every job imports
@@ -30,9 +30,9 @@ def is_joblib(config: DictConfig) -> bool:
 
 
 def divide_threads(config: DictConfig, jobs: int | None) -> None:
-    """The cores are divided among the workers: each worker's TensorFlow gets
-    cores // workers threads (TF_NUM_INTRAOP_THREADS and TF_NUM_INTEROP_THREADS, unless already set, are read
-    when TensorFlow starts in the worker), so parallel jobs do not oversubscribe the machine."""
+    """The cores are divided among the workers: each worker's TensorFlow gets cores // workers threads
+    (TF_NUM_INTRAOP_THREADS and TF_NUM_INTEROP_THREADS, unless already set, are read when TensorFlow starts in
+    the worker), so parallel jobs do not oversubscribe the machine."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     n_jobs = int(config.hydra.launcher.get("n_jobs") or -1)  # joblib's: -1 all cores, -2 all but one, ...
     workers = max(1, min(n_jobs if n_jobs > 0 else cores + 1 + n_jobs, jobs or cores))
@@ -64,14 +64,8 @@ def _warm() -> None:
     process_executor._MEMORY_LEAK_CHECK_DELAY = max(process_executor._MEMORY_LEAK_CHECK_DELAY, 600.0)
 
 
-def _check(checks: list[tuple]) -> str | None:
-    from pipeline.sweep import first_problem
-
-    return first_problem(checks)
-
-
 def _prepare(cfg: DictConfig) -> None:
-    from pipeline.run import prepare_baseline
+    from pipeline.run import prepare_baseline  # imported in the worker: the sweep's process runs it as __main__
 
     prepare_baseline(cfg)
 
@@ -103,7 +97,7 @@ class JoblibWorkers(Workers):
         """In a worker, once one is ready."""
         from joblib import delayed
 
-        return _parallel(self.config)([delayed(_check)(checks)])[0]
+        return _parallel(self.config)([delayed(first_problem)(checks)])[0]
 
     def prepare(self, cfg: DictConfig) -> None:
         from joblib import delayed
