@@ -164,10 +164,12 @@ class RayLauncher(Launcher):
                                                      state, cwd)
         try:
             ready = [actor.info.remote() for actor in self.pool]  # each answers before its first job starts
-            results = ActorPool(self.pool).map(run, jobs)
+            # unordered: a worker takes the next job as soon as its own ends (in order, it would wait for the
+            # jobs before it to end too)
+            results = ActorPool(self.pool).map_unordered(run, jobs)
             log.info("Ray launcher: workers ready: %s", ", ".join(
                 f"pid {w['pid']} on {w['host']} (preloaded in {w['preload_s']}s)" for w in ray.get(ready)))
-            return list(results)
+            return sorted(results, key=lambda r: r.hydra_cfg.hydra.job.num)  # in the jobs' order, as Hydra's
         except KeyboardInterrupt:  # Ctrl-C: the jobs stop too (their runs are marked KILLED by the sweep)
             for actor in self.pool:
                 ray.kill(actor)
