@@ -110,6 +110,21 @@ def test_a_model_that_does_not_fit_stops_a_ray_sweep_in_one_line(ray_head, tmp_p
     assert "Traceback" not in proc.stderr and not (tmp_path / "m.db").exists()
 
 
+def test_a_ray_sweep_whose_cluster_is_not_there_stops_in_one_line(tmp_path):
+    """RAY_ADDRESS naming no cluster: one line at once, exit 2, nothing written (Ray itself retries for minutes)."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    proc = subprocess.run([PY, "-m", "pipeline.run", "-m", *SMOKE, "sparsity.target=0.3,0.5", "hydra/launcher=ray",
+                           f"tracking.uri=sqlite:///{tmp_path}/m.db", f"hydra.sweep.dir={tmp_path}/multirun"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAY_ADDRESS": address, **LOOPBACK_RAY})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: hydra/launcher=ray: no Ray cluster answers at {address}")
+    assert not (tmp_path / "m.db").exists()
+
+
 def test_a_sweep_runs_through_submitit(tmp_path):
     """submitit_local: the SLURM launcher's code path (pickled jobs in their own processes) without SLURM."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")

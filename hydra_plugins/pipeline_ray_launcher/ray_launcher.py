@@ -18,6 +18,8 @@ import importlib
 import logging
 import math
 import os
+import socket
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +32,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from pipeline.config import ConfigError
 from pipeline.sweep import Workers
 
 log = logging.getLogger(__name__)
@@ -130,7 +133,12 @@ class RayLauncher(Launcher):
         started = time.time()
         if not ray.is_initialized():
             init = OmegaConf.to_container(self.init, resolve=True) if self.init else {}
-            ray.init(**{"logging_level": logging.WARNING, **{k: v for k, v in init.items() if v is not None}})
+            address = init.get("address") or os.environ.get("RAY_ADDRESS")
+            _check_reachable(address)
+            try:
+                ray.init(**{"logging_level": logging.WARNING, **{k: v for k, v in init.items() if v is not None}})
+            except ConnectionError as e:  # e.g. the head wants an auth token this process lacks
+                raise ConfigError(f"hydra/launcher=ray: cannot join the Ray cluster at {address}: {e}") from None
         actor = ray.remote(Worker).options(**self._options())
         pool = [actor.remote(self._env(), self.preload) for _ in range(self._size(jobs, ray.cluster_resources()))]
         return {"pool": pool, "connect_s": time.time() - started}
@@ -176,6 +184,20 @@ class RayLauncher(Launcher):
             raise
 
 
+def _check_reachable(address: str | None) -> None:
+    """A cluster named as host:port answers there, or one line says so at once (Ray itself retries for a
+    minute and more, then raises)."""
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"hydra/launcher=ray: no Ray cluster answers at {address} (RAY_ADDRESS or "
+                          f"hydra.launcher.init.address): {e}; start one (ray start --head) or unset the address "
+                          "to start a local one") from None
+
+
 class RayWorkers(Workers):
     """The sweep's checks and its first baseline on `worker`; the checks here should the worker be gone (the
     launcher then says why)."""
@@ -210,6 +232,9 @@ class StartWorkers(Callback):
         try:
             jobs = len(sweep.job_overrides(config)) if sweep.is_basic_sweeper(config) else None
             _started.update(instantiate(config.hydra.launcher).start(jobs))
+        except ConfigError as e:  # no cluster to join: one line, before the sweep writes anything
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            sys.exit(2)
         except Exception as e:  # a wrong override is the sweep's callback's to report, in one line
             log.debug("Ray workers not started early: %s", e)
             return
