@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,12 @@ WHERE_NOT_WHAT = {"path", "root", "download"}  # where data is found: its digest
 
 class ConfigError(ValueError):
     """A user mistake in the configuration: reported as one line, exit status 2."""
+
+
+def exit_config_error(e: Exception) -> None:
+    """Report a configuration mistake in one line and exit with status 2."""
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(2)
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:

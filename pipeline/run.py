@@ -24,6 +24,7 @@ from pipeline import sweep, tracking  # noqa: E402
 from pipeline.config import (  # noqa: E402
     ConfigError,
     config_hash,
+    exit_config_error,
     identity,
     job_config,
     run_name,
@@ -183,11 +184,6 @@ def job_objective(result: dict, track) -> float:
         return float("nan")
     metrics = tracking.client(tracking.resolve_uri(track.uri)).get_run(result["run_id"]).data.metrics
     return sweep.objective(metrics, sweep.flops_budget())
-
-
-def exit_config_error(e: Exception) -> None:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(2)
 
 
 def cli() -> None:

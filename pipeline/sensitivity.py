@@ -31,8 +31,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError  # noqa: E402
 
 from pipeline import tracking  # noqa: E402
-from pipeline.config import ConfigError, _one_line, job_config, require, validate  # noqa: E402
-from pipeline.run import exit_config_error  # noqa: E402
+from pipeline.config import ConfigError, _one_line, exit_config_error, job_config, require, validate  # noqa: E402
 
 if TYPE_CHECKING:
     import pandas as pd

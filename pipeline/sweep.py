@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import tracking
-from pipeline.config import ConfigError, require, run_name, validate
+from pipeline.config import ConfigError, exit_config_error, require, run_name, validate
 from pipeline.models import check_fits
 
 log = logging.getLogger("pipeline")
@@ -29,8 +29,8 @@ SWEPT_ENV = "PIPELINE_SWEEP_KEYS"  # the keys the sweep varies (JSON): a job's s
 RESULTS_ENV = "PIPELINE_SWEEP_RESULTS"  # the absolute path of jobs.jsonl: workers may run in another folder
 PROGRESS = "progress"  # with a tracking server, each job's ending also goes there, on the parent run: workers
 #                        on machines that do not see the sweep's folder are counted too
-# What a job needs from its sweep's process, all in the environment: launchers whose workers do not inherit
-# it (a Ray cluster started before the sweep) pass these (conf/hydra/launcher/ray.yaml)
+# What a job needs from its sweep's process, all in the environment: the sweep's callback sets them in each
+# job's process as the job starts (on_job_start), whatever process the launcher runs it in
 SWEEP_ENV = (TOTAL_ENV, START_ENV, SWEPT_ENV, RESULTS_ENV, tracking.PARENT_ENV)
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # What a job returns for a sweeper to maximise (see objective()): the final model's accuracy on the
@@ -231,8 +231,7 @@ class SweepCallback(Callback):
         except (ConfigError, HydraException, OmegaConfBaseException) as e:
             # Hydra would turn a callback's exception into a warning: stop here, in one line
             stop_idle_workers()
-            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-            sys.exit(2)
+            exit_config_error(e)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         """In the job's process: the sweep's environment, which workers started before it was set lack."""

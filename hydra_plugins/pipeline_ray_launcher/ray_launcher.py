@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import socket
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, exit_config_error
 from pipeline.sweep import Workers
 
 log = logging.getLogger(__name__)
@@ -71,13 +70,13 @@ class Worker:
             os.chdir(cwd)
         prepare_baseline(cfg)
 
-    def run(self, env: dict[str, str], hydra_context: HydraContext, config: DictConfig, task_function: TaskFunction,
-            singleton: dict, cwd: str) -> JobReturn:
-        """One job: the sweep's environment and Hydra's state as the sweep had them, then Hydra's own run_job.
-        It runs in the sweep's folder when this worker can see it (same machine or shared filesystem)."""
+    def run(self, hydra_context: HydraContext, config: DictConfig, task_function: TaskFunction, singleton: dict,
+            cwd: str) -> JobReturn:
+        """One job: Hydra's state as the sweep had it, then Hydra's own run_job (whose callbacks give the job the
+        sweep's environment). It runs in the sweep's folder when this worker can see it (same machine or shared
+        filesystem)."""
         from hydra.core.hydra_config import HydraConfig
 
-        os.environ.update(env)
         if os.path.isdir(cwd):
             os.chdir(cwd)
         setup_globals()
@@ -144,8 +143,6 @@ class RayLauncher(Launcher):
         return {"pool": pool, "connect_s": time.time() - started}
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from pipeline.sweep import SWEEP_ENV
-
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
@@ -166,9 +163,8 @@ class RayLauncher(Launcher):
                 config.hydra.job.id = f"ray_{idx}"
                 config.hydra.job.num = idx
             jobs.append(config)
-        # what a job reads from its sweep (its parent run, the job count): set after the workers started
-        env, state, cwd = {k: os.environ[k] for k in SWEEP_ENV if k in os.environ}, Singleton.get_state(), os.getcwd()
-        run = lambda actor, config: actor.run.remote(env, self.hydra_context, config, self.task_function,  # noqa: E731
+        state, cwd = Singleton.get_state(), os.getcwd()
+        run = lambda actor, config: actor.run.remote(self.hydra_context, config, self.task_function,  # noqa: E731
                                                      state, cwd)
         try:
             ready = [actor.info.remote() for actor in self.pool]  # each answers before its first job starts
@@ -233,8 +229,7 @@ class StartWorkers(Callback):
             jobs = len(sweep.job_overrides(config)) if sweep.is_basic_sweeper(config) else None
             _started.update(instantiate(config.hydra.launcher).start(jobs))
         except ConfigError as e:  # no cluster to join: one line, before the sweep writes anything
-            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-            sys.exit(2)
+            exit_config_error(e)
         except Exception as e:  # a wrong override is the sweep's callback's to report, in one line
             log.debug("Ray workers not started early: %s", e)
             return
