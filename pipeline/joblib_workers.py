@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.sweep import Workers, first_problem
 
 log = logging.getLogger("pipeline")
+_tasks: list[threading.Thread] = []  # the background calls of this process's workers (warm-up, baseline)
 PRELOAD = ("tensorflow", "pipeline.run", "mlflow.keras")  # what every job imports
 
 
@@ -91,7 +92,8 @@ class JoblibWorkers(Workers):
             except Exception as e:  # stopped (the sweep failed validation) or broken: the jobs will say why
                 log.debug("joblib workers not %s: %s", what, e)
 
-        threading.Thread(target=run, name=f"joblib-{what}", daemon=True).start()
+        _tasks.append(threading.Thread(target=run, name=f"joblib-{what}", daemon=True))
+        _tasks[-1].start()
 
     def check(self, checks: list[tuple]) -> str | None:
         """In a worker, once one is ready."""
@@ -103,3 +105,15 @@ class JoblibWorkers(Workers):
         from joblib import delayed
 
         self._background(_parallel(self.config), [delayed(_prepare)(cfg)], "preparing the baseline")
+
+
+def stop() -> None:
+    """Stop the workers once their background calls are done (killing them mid-call races joblib's cleanup of
+    its temporary folders, whose tracker then prints a traceback): kept for reuse, idle workers would
+    otherwise each tear TensorFlow down at the sweep's exit while it waits (seconds)."""
+    from joblib.externals.loky import reusable_executor
+
+    while _tasks:
+        _tasks.pop().join()
+    if reusable_executor._executor is not None:  # loky's process-wide executor, which joblib reuses
+        reusable_executor._executor.shutdown(wait=True, kill_workers=True)

@@ -225,12 +225,14 @@ class SweepCallback(Callback):
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
 
+        from pipeline import joblib_workers
+
         try:
             self._start(config)
             self.env = {k: os.environ[k] for k in SWEEP_ENV if k in os.environ}
         except (ConfigError, HydraException, OmegaConfBaseException) as e:
             # Hydra would turn a callback's exception into a warning: stop here, in one line
-            stop_idle_workers()
+            joblib_workers.stop()
             exit_config_error(e)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -348,7 +350,9 @@ class SweepCallback(Callback):
         return [by_job[k] for k in sorted(by_job)]
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        stop_idle_workers()
+        from pipeline import joblib_workers
+
+        joblib_workers.stop()
         results = self._results(config)
         failed = [r for r in results if r["status"] == "FAILED"]
         if self.parent:
@@ -375,15 +379,6 @@ class SweepCallback(Callback):
             for r in failed:
                 log.error("  failed: job %d %s: %s", r["job"] + 1, r["name"], r["error"])
             sys.exit(1)
-
-
-def stop_idle_workers() -> None:
-    """Stop the joblib launcher's worker processes, idle once the jobs are done: kept for reuse, they would
-    otherwise each tear TensorFlow down at the sweep's exit while it waits (seconds)."""
-    from joblib.externals.loky import reusable_executor
-
-    if reusable_executor._executor is not None:  # loky's process-wide executor, which joblib reuses
-        reusable_executor._executor.shutdown(wait=True, kill_workers=True)
 
 
 def log_frontier(client, parent: str, runs) -> list[str]:
