@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import Phase
 from pipeline.models import VGGBN, SeedCNN
-from pipeline.pruning.callback import ScheduleMasks
+from pipeline.pruning.base import keep_largest
 from pipeline.pruning.filter import Filter
 from pipeline.pruning.magnitude import Magnitude
 from pipeline.pruning.masks import MaskedModel, load_masks, merge, save_masks
@@ -89,21 +89,37 @@ def test_masks_hold_on_a_model_trained_before_pruning(few):
     assert check.batches > 1
 
 
-def test_masks_changed_mid_training_hold_from_the_next_batch(few):
-    """A schedule that grows the masks during fit: the compiled step sees each new mask."""
+@pytest.mark.parametrize("fast", [False, True])
+def test_masks_changed_mid_training_hold_from_the_next_batch(few, fast):
+    """A schedule that grows the masks during fit: every step sees each new mask (the plain path is checked
+    after every batch, the compiled loop by its audit after every step), and the masks reach the target."""
     keras.utils.set_random_seed(0)
     model = SeedCNN().build(few.input_shape, few.num_classes)
     schedule = Gradual(target=0.8, initial_sparsity=0.2, begin=0.0, end=0.5, frequency=2)
     masked = prune(model, Magnitude(), schedule.initial, seed=0)
     phase = Phase(epochs=1, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9)
-    total = int(np.ceil(len(few.x_train) / phase.batch_size))
-    follow = ScheduleMasks(masked, Magnitude(), schedule, total, seed=0)
-    check = CheckEveryBatch(masked)
-    compile_model(model, phase)
-    model.fit(few.x_train, few.y_train, batch_size=phase.batch_size, epochs=1, verbose=0,
-              callbacks=[follow, check])
-    assert len(follow.targets) > 2 and follow.targets[-1][1] == pytest.approx(0.8)
-    assert check.batches == total
+    if fast:
+        assert finetune(masked, few, phase, Magnitude(), schedule, seed=0, audit=True)["pruned_nonzero"] == [0]
+    else:
+        check = CheckEveryBatch(masked)
+        finetune(masked, few, phase, Magnitude(), schedule, seed=0, fast=False, callbacks=[check])
+        assert check.batches == len(few.x_train) // phase.batch_size
+    kept = sum(m.sum() for m in masked.masks.values()) / sum(m.size for m in masked.masks.values())
+    assert kept == pytest.approx(0.2, abs=1e-3)
+    assert_pruned_are_zero(masked)
+
+
+def test_keep_largest_drops_what_a_stable_sort_puts_first():
+    """Ties go by position, NaN sorts last, -0.0 equals 0.0: the linear-time selection is the stable sort's."""
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        x = rng.integers(-3, 4, 40).astype(float) if trial % 2 else rng.normal(size=40)
+        x[rng.integers(0, 40, trial % 4)] = np.nan
+        x[rng.integers(0, 40, trial % 3)] = -0.0
+        for n in range(41):
+            expected = np.ones(40, bool)
+            expected[np.argsort(x, kind="stable")[:n]] = False
+            np.testing.assert_array_equal(keep_largest(x, n), expected, err_msg=f"{x} {n}")
 
 
 def test_constraints_are_removed_on_detach():

@@ -33,10 +33,10 @@ def start(few):
     return SeedCNN().build(few.input_shape, few.num_classes).get_weights()
 
 
-def job(few, start, schedule, fast, method=Magnitude()):
+def job(few, start, schedule, fast, method=Magnitude(), build=None):
     """One fine-tuning job from the same start: (history, weights, masks)."""
     keras.utils.set_random_seed(0)
-    model = SeedCNN().build(few.input_shape, few.num_classes)
+    model = build() if build else SeedCNN().build(few.input_shape, few.num_classes)
     model.set_weights(start)
     masked = prune(model, method, schedule.initial, seed=0)
     history = finetune(masked, few, PHASE, method, schedule, seed=0, fast=fast)
@@ -94,6 +94,22 @@ def test_fast_finetune_equals_model_fit(few, start):
     """A gradual schedule: the compiled calls are split at each of its mask updates."""
     schedule = Gradual(target=0.6, frequency=3)
     assert_same(job(few, start, schedule, fast=True), job(few, start, schedule, fast=False))
+
+
+def test_masks_computed_on_a_twin_whose_paths_differ_land_on_the_models_weights(few, tmp_path):
+    """A Sequential loaded from a file names its weights `conv2d/kernel`; its clone, the compiled loop's twin,
+    `sequential/conv2d/kernel`: the schedule's masks, computed on the twin, are the plain path's."""
+    keras.Sequential([keras.Input(few.input_shape), keras.layers.Conv2D(4, 3), keras.layers.Flatten(),
+                      keras.layers.Dense(few.num_classes, activation="softmax")]).save(tmp_path / "m.keras")
+
+    def build():
+        return keras.models.load_model(tmp_path / "m.keras")
+
+    model = build()
+    assert [v.path for v in model.variables] != [v.path for v in keras.models.clone_model(model).variables]
+    schedule = Gradual(target=0.6, frequency=3)
+    start = model.get_weights()
+    assert_same(job(few, start, schedule, fast=True, build=build), job(few, start, schedule, fast=False, build=build))
 
 
 def test_a_second_job_reuses_the_compiled_loop_and_starts_afresh(few, start):

@@ -19,7 +19,12 @@ def keep_largest(scores: np.ndarray, n_prune: int) -> np.ndarray:
     """Boolean mask (same shape as scores) that drops the n_prune smallest; ties go by position."""
     flat = np.asarray(scores).reshape(-1)
     keep = np.ones(flat.size, bool)
-    keep[np.argsort(flat, kind="stable")[:n_prune]] = False
+    if n_prune > 0:  # a stable argsort's first n_prune, found in linear time (masks are recomputed mid-training)
+        cut = np.partition(flat, n_prune - 1)[n_prune - 1]
+        nan = flat != flat  # NaN sorts last, as in argsort
+        below, tied = (~nan, nan) if cut != cut else (flat < cut, flat == cut)
+        keep[below] = False
+        keep[np.flatnonzero(tied)[:n_prune - np.count_nonzero(below)]] = False
     return keep.reshape(np.shape(scores))
 
 

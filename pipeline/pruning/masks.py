@@ -25,7 +25,7 @@ def variables_by_path(model) -> dict:
     return {v.path: v for v in model.weights}
 
 
-_assign = _where = None
+_assign = _hold = None
 
 
 def assign_all(variables, values) -> None:
@@ -39,14 +39,23 @@ def assign_all(variables, values) -> None:
     _assign([v.value for v in variables], [getattr(x, "value", x) for x in values])
 
 
-def zero_pruned(variables, masks) -> None:
-    """Set to exactly 0 each element of variables[i] that the mask variable masks[i] prunes (is 0 in)."""
-    global _where
-    if _where is None:
-        import tensorflow as tf
+def hold(variables: dict, masks: Masks) -> None:
+    """For each path of `masks`: set the mask of variables[path] (its MaskConstraint's variable) to it and
+    zero what it prunes, in one compiled call."""
+    import tensorflow as tf
 
-        _where = tf.function(lambda ws, ms: [w.assign(tf.where(m != 0, w, tf.zeros_like(w))) for w, m in zip(ws, ms)])
-    _where([v.value for v in variables], [m.value for m in masks])
+    global _hold
+    if _hold is None:
+
+        def hold_all(weights, mask_vars, values):
+            for w, m, value in zip(weights, mask_vars, values):
+                m.assign(value)
+                w.assign(tf.where(value != 0, w, tf.zeros_like(w)))
+
+        _hold = tf.function(hold_all)
+    weights = [variables[p] for p in masks]
+    _hold([w.value for w in weights], [w.constraint.mask.value for w in weights],
+          [tf.constant(m, w.dtype) for w, m in zip(weights, masks.values())])  # tensors: cheaper to pass
 
 
 class MaskConstraint:
@@ -70,25 +79,25 @@ class MaskedModel:
         unknown = sorted(set(masks) - set(self.variables))
         if unknown:
             raise KeyError(f"masks name weights the model lacks: {unknown}")
-        self.mask_vars = {}
         for path, m in masks.items():
             var = self.variables[path]
-            self.mask_vars[path] = keras.Variable(np.asarray(m, var.dtype), trainable=False,
-                                                  name=path.replace("/", "_") + "_mask")
-            var.constraint = MaskConstraint(self.mask_vars[path])
+            var.constraint = MaskConstraint(keras.Variable(np.asarray(m, var.dtype), trainable=False,
+                                                           name=path.replace("/", "_") + "_mask"))
         model.train_function = None  # a step traced before the constraints existed would ignore them
         self.masks = {p: np.asarray(m, bool).copy() for p, m in masks.items()}
         self.apply()
 
-    def update(self, masks: Masks) -> None:
-        """Replace the masks (pruned weights stay pruned) and zero what they prune now."""
+    def merge(self, masks: Masks) -> Masks:
+        """The masks with `masks` merged in (pruned weights stay pruned), without touching the model."""
         self.masks = merge(self.masks, masks)
-        assign_all([self.mask_vars[p] for p in self.masks],
-                   [m.astype(self.mask_vars[p].dtype) for p, m in self.masks.items()])
-        self.apply()
+        return self.masks
+
+    def update(self, masks: Masks) -> None:
+        """Merge `masks` in and zero what the masks prune now."""
+        hold(self.variables, self.merge(masks))
 
     def apply(self) -> None:
-        zero_pruned([self.variables[p] for p in self.masks], [self.mask_vars[p] for p in self.masks])
+        hold(self.variables, self.masks)
 
     def detach(self) -> None:
         for path in self.masks:

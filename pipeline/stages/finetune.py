@@ -8,12 +8,20 @@ from pipeline.stages.train import fit, steps_per_epoch
 
 
 def mask_updates(masked, method, schedule, total: int, seed: int) -> dict:
-    """{step: update} for each step at which the schedule recomputes the masks (before that step)."""
+    """{step: masks_at} for each step at which the schedule recomputes the masks (before that step), as
+    train.fit takes them: masks_at(view) merges the method's masks of the weights `view` holds into the
+    model's and returns them."""
     if not schedule.changes_masks:
         return {}
-    rates = {step: rate for step in range(total) if (rate := schedule.update_at(step, total)) is not None}
-    return {step: (lambda rate=rate: masked.update(method.masks(masked.model, rate, seed)))
-            for step, rate in rates.items()}
+
+    def masks_at(rate):
+        def at(view):
+            path = dict(zip((v.path for v in view.variables), (v.path for v in masked.model.variables)))
+            return masked.merge({path[p]: m for p, m in method.masks(view, rate, seed).items()})
+
+        return at
+
+    return {step: masks_at(rate) for step in range(total) if (rate := schedule.update_at(step, total)) is not None}
 
 
 def finetune(masked, data, phase: Phase, method, schedule, seed: int, fast: bool = True,

@@ -25,7 +25,7 @@ import json
 import keras
 import numpy as np
 
-from pipeline.pruning.masks import MaskConstraint, assign_all
+from pipeline.pruning.masks import MaskConstraint, assign_all, hold
 
 CACHE_SIZE = 8  # engines (and evaluate.py's evaluators) kept per process, each holding a copy of its model
 _engines: collections.OrderedDict = collections.OrderedDict()
@@ -117,16 +117,18 @@ class Engine:
         self.train_stream, self.train_held, self.pruned_nonzero = train_stream, train_held, pruned_nonzero
         self.validate_stream, self.validate_held = test_loops(twin)
 
-    def load(self, model, optimizer: bool) -> None:
-        """Copy the model's variables and masks in; with `optimizer`, reset its state to a fresh one's."""
+    def load(self, model) -> None:
+        """Copy the model's variables and masks in, and reset the optimizer's state to a fresh one's."""
         theirs = model.variables
-        assign_all([*self.twin.variables, *self.mask_vars.values()],
-                   [*theirs, *(theirs[i].constraint.mask for i in self.mask_vars)])
-        if optimizer:
-            assign_all(self.twin.optimizer.variables, self.fresh_optimizer)
+        assign_all([*self.twin.variables, *self.mask_vars.values(), *self.twin.optimizer.variables],
+                   [*theirs, *(theirs[i].constraint.mask for i in self.mask_vars), *self.fresh_optimizer])
+        self.by_path = dict(zip((v.path for v in theirs), self.twin.variables))  # the paths may differ
 
     def store(self, model) -> None:
-        assign_all(model.variables, self.twin.variables)
+        """Copy the variables and masks out to the model."""
+        theirs = model.variables
+        assign_all([*theirs, *(theirs[i].constraint.mask for i in self.mask_vars)],
+                   [*self.twin.variables, *self.mask_vars.values()])
 
 
 def test_loops(twin):
@@ -217,15 +219,15 @@ def engine(model, phase, total_steps: int, audit: bool = False) -> Engine:
 def run(model, train_data: Stream | Held, val_data: Stream | Held, phase, steps_per_epoch: int, callbacks,
         at_steps=None, audit: bool = False) -> dict[str, list[float]]:
     """Fit `model` for phase.epochs of `steps_per_epoch` steps on `train_data` (shuffled anew each epoch),
-    validating on `val_data` after each; `at_steps[s]()` runs before global step s with the model holding
-    the current weights (it may change them and the masks). Keras callbacks get epoch and test events and
+    validating on `val_data` after each; before global step s, the masks become `at_steps[s](view)` (see
+    train.fit), computed from the engine's twin. Keras callbacks get epoch and test events and
     one batch event per compiled call; the model holds the trained weights at every epoch end.
     Returns the history (per epoch: loss, metrics, val_ metrics, whatever callbacks add to the logs;
     `pruned_nonzero` with `audit`: the most pruned weights found non-zero after any step, i.e. 0)."""
     at_steps = at_steps or {}
     total = steps_per_epoch * phase.epochs
     eng = engine(model, phase, total, audit)
-    eng.load(model, optimizer=True)
+    eng.load(model)
     history = keras.callbacks.History()  # last: it records what the callbacks before it add to the logs
     cbs = keras.callbacks.CallbackList([*callbacks, history], model=model, epochs=phase.epochs,
                                        steps=steps_per_epoch, verbose=0)
@@ -240,9 +242,7 @@ def run(model, train_data: Stream | Held, val_data: Stream | Held, phase, steps_
         worst = 0
         for begin, end in zip(bounds, bounds[1:]):
             if begin in at_steps:
-                eng.store(model)
-                at_steps[begin]()
-                eng.load(model, optimizer=False)
+                hold(eng.by_path, at_steps[begin](eng.twin))
             cbs.on_train_batch_begin(begin - first)
             logs, nonzero = train_data.train(eng, begin - first, end - first)
             worst = max(worst, int(nonzero))

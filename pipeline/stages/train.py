@@ -152,10 +152,11 @@ def loop_feeds(data, batch_size: int, seed: int):
 def fit(model, data, phase: Phase, stage: str, callbacks=(), at_steps=None, fast: bool = True,
         audit: bool = False) -> dict[str, list[float]]:
     """Fit for phase.epochs on the training split (a seeded tf.data pipeline: the same data.seed, the same
-    batches), validating on the validation split. `at_steps[s]()` runs before global step s (e.g. a mask
-    update). Fast: pipeline.stages.loop (one compiled call per epoch, split at `at_steps`, compiled once per
-    process and structure, on loop_feeds); otherwise Keras's model.fit, one call per batch (at_steps from a
-    callback)."""
+    batches), validating on the validation split. Before global step s, the masks become `at_steps[s](view)`:
+    masks keyed by the model's paths, computed from `view`, which holds the current weights (the model, or
+    the fast loop's twin of it: the same variables in the same order); the weights they prune are zeroed.
+    Fast: pipeline.stages.loop (one compiled call per epoch, split at `at_steps`, compiled once per process
+    and structure, on loop_feeds); otherwise Keras's model.fit, one call per batch (at_steps from a callback)."""
     seed = (getattr(data, "seed", 0) + zlib.crc32(stage.encode())) % 2**31  # each stage its own order
     steps = steps_per_epoch(data, phase)
     callbacks = [StopOnNonFinite(stage), EpochSeconds(), Progress(stage, PROGRESS_AFTER_S), *callbacks]
@@ -171,15 +172,17 @@ def fit(model, data, phase: Phase, stage: str, callbacks=(), at_steps=None, fast
 
 
 class AtSteps(keras.callbacks.Callback):
-    """Runs at_steps[s]() before global step s of a model.fit."""
+    """Sets the masks to at_steps[s](model) before global step s of a model.fit."""
 
     def __init__(self, at_steps):
         super().__init__()
         self.at_steps, self.step = at_steps, 0
 
     def on_train_batch_begin(self, batch, logs=None):
+        from pipeline.pruning.masks import hold, variables_by_path
+
         if self.step in self.at_steps:
-            self.at_steps[self.step]()
+            hold(variables_by_path(self.model), self.at_steps[self.step](self.model))
         self.step += 1
 
 
