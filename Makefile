@@ -29,8 +29,6 @@ PEER_VENV ?= .venv-peers
 PEER_PY := $(PEER_VENV)/bin/python
 PEER_LOCK := requirements-peers.lock
 PEER_STAMP := $(PEER_VENV)/.installed-$(PYTHON_VERSION)-peers
-export TF_CPP_MIN_LOG_LEVEL := 3
-export TF_ENABLE_ONEDNN_OPTS := 0
 
 .PHONY: help install run sweep test bench report ui lint clean sensitivity lock check-python
 

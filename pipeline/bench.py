@@ -21,9 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["magnitude", "filter", "slim", "hybrid"]
 QUICK_GRID = [0.3, 0.6, 0.9]
@@ -400,8 +397,8 @@ def markdown(info: dict, argv: list[str], sweep: dict | None, overhead: dict | N
              f"- load average (1 / 5 / 15 min) at start: {info.get('load', '?')}; at the end: {_load()} "
              f"(the machine is shared: a load above {info['nproc']} means other work competed for the cores)",
              f"- seed: {info['seed']} (the config's top-level `seed`; it drives data split, initialisation "
-             "and pruning); data `digits`, `training=default`, environment TF_CPP_MIN_LOG_LEVEL=3, "
-             "TF_ENABLE_ONEDNN_OPTS=0", ""]
+             "and pruning); data `digits`, `training=default`, environment TF_CPP_MIN_LOG_LEVEL="
+             f"{os.environ['TF_CPP_MIN_LOG_LEVEL']}, TF_ENABLE_ONEDNN_OPTS={os.environ['TF_ENABLE_ONEDNN_OPTS']}", ""]
     if info.get("note"):  # set by hand in results.json when a report is re-rendered from partial runs
         lines += [f"> **Note.** {info['note']}", ""]
     if sweep:

@@ -5,23 +5,19 @@ This module only wires the stages together and owns the run's lifecycle.
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF 2.21 logs harmless tf.data op errors
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+import hydra
+from omegaconf import DictConfig, OmegaConf
 
-import gc  # noqa: E402
-import logging  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from pipeline import sweep, tracking  # noqa: E402
-from pipeline.config import (  # noqa: E402
+from pipeline import sweep, tracking
+from pipeline.config import (
     ConfigError,
     config_hash,
     exit_config_error,
@@ -30,7 +26,7 @@ from pipeline.config import (  # noqa: E402
     run_name,
     validate,
 )
-from pipeline.models import check_fits  # noqa: E402
+from pipeline.models import check_fits
 
 log = logging.getLogger("pipeline")
 

@@ -15,23 +15,19 @@ python -m pipeline.run is printed.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-import logging  # noqa: E402
-import sys  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING  # noqa: E402
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError  # noqa: E402
-
-from pipeline import tracking  # noqa: E402
-from pipeline.config import ConfigError, _one_line, exit_config_error, job_config, require, validate  # noqa: E402
+from pipeline import tracking
+from pipeline.config import ConfigError, _one_line, exit_config_error, job_config, require, validate
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -310,7 +310,8 @@ class Run:
 
 
 def device_tags() -> dict[str, str]:
-    """Where the job computes: `device` (the GPU's name, or CPU) and TensorFlow's version and build."""
+    """Where the job computes: `device` (the GPU's name, or CPU), TensorFlow's version and build, and whether
+    its CPU kernels are oneDNN's (`tf.onednn`: TF_ENABLE_ONEDNN_OPTS; their float rounding differs from Eigen's)."""
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -318,7 +319,7 @@ def device_tags() -> dict[str, str]:
     build = {k: str(v) for k, v in tf.sysconfig.get_build_info().items()
              if k in ("cuda_version", "cudnn_version", "is_cuda_build", "is_rocm_build")}
     return {"device": ", ".join(names) or "CPU", "tf.version": tf.__version__,
-            "tf.build": json.dumps(build, sort_keys=True)}
+            "tf.build": json.dumps(build, sort_keys=True), "tf.onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "")}
 
 
 def context_tags() -> dict[str, str]:

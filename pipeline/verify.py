@@ -26,22 +26,17 @@ Exit status: 0 when everything holds, 1 when something differs (each difference 
 
 from __future__ import annotations
 
-import os
+import argparse
+import hashlib
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+import numpy as np
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from pipeline.tracking import CHECKSUMS_TAG, writable  # noqa: E402
+from pipeline.tracking import CHECKSUMS_TAG, writable
 
 ACCURACY_TOLERANCE = 1e-4
 METRIC_RTOL = 1e-6

@@ -3,11 +3,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+import pytest
+from hydra import compose, initialize_config_dir
 
-import pytest  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
+import pipeline  # noqa: F401  (sets TensorFlow's environment before any test imports it)
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = str(REPO / "conf")

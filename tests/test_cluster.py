@@ -209,4 +209,4 @@ def test_a_run_records_its_device_and_tensorflow_build():
 
     tags = tracking.device_tags()
     assert (tags["device"] == "CPU") == (not tf.config.list_physical_devices("GPU"))  # else the GPU's name
-    assert tags["tf.version"] and "is_cuda_build" in json.loads(tags["tf.build"])
+    assert tags["tf.version"] and "is_cuda_build" in json.loads(tags["tf.build"]) and tags["tf.onednn"] == "1"

@@ -13,18 +13,13 @@ optimizer step, several steps per compiled call).
 
 from __future__ import annotations
 
-import os
+import sys
+import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+from omegaconf import OmegaConf
 
-import sys  # noqa: E402
-import time  # noqa: E402
-
-from omegaconf import OmegaConf  # noqa: E402
-
-from pipeline.config import Phase, build  # noqa: E402
-from pipeline.peers import common  # noqa: E402
+from pipeline.config import Phase, build
+from pipeline.peers import common
 
 
 def weights_gzip(spec, data, model) -> int:

@@ -17,32 +17,28 @@ dataset-fashion-mnist under /usr/share/datasets): it never downloads. Otherwise,
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+from omegaconf import OmegaConf
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from omegaconf import OmegaConf  # noqa: E402
-
-from pipeline.baseline import seed_everything  # noqa: E402
-from pipeline.bench import HOOKS, put_section  # noqa: E402
-from pipeline.config import Phase, build  # noqa: E402
-from pipeline.data import DataError  # noqa: E402
-from pipeline.peers import common  # noqa: E402
-from pipeline.pruning.surgery import shrink  # noqa: E402
-from pipeline.stages.evaluate import evaluate, test_metrics  # noqa: E402
-from pipeline.stages.finetune import finetune  # noqa: E402
-from pipeline.stages.prune import prune  # noqa: E402
-from pipeline.stages.train import train_baseline  # noqa: E402
+from pipeline.baseline import seed_everything
+from pipeline.bench import HOOKS, put_section
+from pipeline.config import Phase, build
+from pipeline.data import DataError
+from pipeline.peers import common
+from pipeline.pruning.surgery import shrink
+from pipeline.stages.evaluate import evaluate, test_metrics
+from pipeline.stages.finetune import finetune
+from pipeline.stages.prune import prune
+from pipeline.stages.train import train_baseline
 
 REPO = common.CONF.parent
 PEER_PY = REPO / ".venv-peers" / "bin" / "python"

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ["TF_USE_LEGACY_KERAS"] = "1"  # tf.keras -> tf_keras, as TF-MOT expects
 
 import argparse  # noqa: E402
