@@ -1,12 +1,60 @@
 """The pruning pipeline (python -m pipeline.run).
 
-TensorFlow reads these once, when first imported, so they are set here, before any module imports it:
-quiet logs (TF 2.21 logs harmless tf.data op errors), and oneDNN's kernels, TensorFlow's own default on
-x86, named explicitly because that also silences the notice it prints at start: they run a small
-network's convolutions in half the time of the Eigen kernels.
+TensorFlow reads its environment once, when first imported, so it is set here, before any module imports
+it: quiet logs (TF 2.21 logs harmless tf.data op errors), and oneDNN's CPU kernels, TensorFlow's own
+default on x86, which run a small network's convolutions in half the time of Eigen's. With them on,
+TensorFlow prints a notice while it loads, through a logger nothing configures yet, so the import of
+tensorflow runs with the process's stderr captured and the notice dropped from what it wrote.
 """
 
+import contextlib
+import importlib.abc
+import importlib.util
 import os
+import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+NOTICES = (b"oneDNN custom operations are on", b"All log messages before absl::InitializeLog() is called")
+
+
+@contextlib.contextmanager
+def stderr_without(notices):
+    """File descriptor 2 goes to a file meanwhile; then its lines are written out, but those with a notice."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            os.write(2, b"".join(line for line in captured if not any(n in line for n in notices)))
+
+
+class QuietTensorFlow(importlib.abc.MetaPathFinder):
+    """Finds `tensorflow` once, with a loader that runs it under stderr_without(NOTICES)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            load = spec.loader.exec_module
+
+            def exec_module(module):
+                with stderr_without(NOTICES):
+                    load(module)
+
+            spec.loader.exec_module = exec_module  # this spec's own loader
+        return spec
+
+
+if "tensorflow" not in sys.modules and not any(isinstance(f, QuietTensorFlow) for f in sys.meta_path):
+    sys.meta_path.insert(0, QuietTensorFlow())
