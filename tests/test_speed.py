@@ -90,10 +90,28 @@ def test_augmented_data_streams_and_equals_model_fit(few, start):
     assert_same(job(augmented, start, schedule, fast=True), job(augmented, start, schedule, fast=False))
 
 
-def test_fast_finetune_equals_model_fit(few, start):
-    """A gradual schedule: the compiled calls are split at each of its mask updates."""
+class CompiledCalls(keras.callbacks.Callback):
+    """Counts the batch events: one per compiled call on the fast path."""
+
+    calls = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.calls += 1
+
+
+@pytest.mark.parametrize("method, in_graph", [(Magnitude(), True), (Magnitude(scope="layer"), True),
+                                              (Filter(), False)])
+def test_fast_finetune_equals_model_fit(few, start, method, in_graph):
+    """A gradual schedule: magnitude's mask updates run inside the compiled loop (one call per epoch), other
+    methods' split the compiled calls at each update; either way model.fit's results, masks included."""
     schedule = Gradual(target=0.6, frequency=3)
-    assert_same(job(few, start, schedule, fast=True), job(few, start, schedule, fast=False))
+    keras.utils.set_random_seed(0)
+    model = SeedCNN().build(few.input_shape, few.num_classes)
+    model.set_weights(start)
+    counter = CompiledCalls()
+    finetune(prune(model, method, schedule.initial, seed=0), few, PHASE, method, schedule, seed=0, callbacks=[counter])
+    assert (counter.calls == PHASE.epochs) == in_graph
+    assert_same(*(job(few, start, schedule, fast, method) for fast in (True, False)))
 
 
 def test_masks_computed_on_a_twin_whose_paths_differ_land_on_the_models_weights(few, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,29 @@ def keep_largest(scores: np.ndarray, n_prune: int) -> np.ndarray:
     return keep.reshape(np.shape(scores))
 
 
+def keep_largest_graph(scores, n_prune):
+    """keep_largest in TensorFlow, for a compiled loop: the same mask (a stable sort puts ties by position)."""
+    import tensorflow as tf
+
+    pruned = tf.argsort(scores, stable=True)[:n_prune]
+    return tf.tensor_scatter_nd_update(tf.ones_like(scores, tf.bool), pruned[:, None], tf.zeros_like(pruned, tf.bool))
+
+
+@dataclass(frozen=True)
+class InGraph:
+    """A method's masks() as TensorFlow ops, run inside the compiled training loop at each of a schedule's steps.
+
+    `keep(weights, counts)`: from the current values of the weights named by `paths` (in that order), the
+    masks (bool, one per weight) that drop counts[i] weights of the method's pool i; `counts(target)`: how
+    many each pool loses at a target rate, on the host, exactly as masks() counts; `key`: what the ops
+    depend on besides the model (compiled loops are cached by it)."""
+
+    paths: tuple[str, ...]
+    key: str
+    counts: Callable[[float], list[int]]
+    keep: Callable
+
+
 @dataclass
 class PruningMethod:
     """Turns a trained model and a target prune rate into masks (True = kept)."""
@@ -36,6 +60,11 @@ class PruningMethod:
 
     def masks(self, model, target: float, seed: int = 0) -> Masks:
         raise NotImplementedError
+
+    def in_graph(self, model) -> InGraph | None:
+        """masks() as TensorFlow ops (see InGraph), where the method has them: then a schedule's updates run
+        inside the compiled loop; otherwise the loop stops at each update for masks()."""
+        return None
 
     def check(self, schedule) -> None:
         """Raise a ConfigError if this method cannot prune to the schedule's target (checked at start-up)."""

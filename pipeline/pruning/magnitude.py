@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import require
-from pipeline.pruning.base import PruningMethod, keep_largest, n_pruned
+from pipeline.pruning.base import InGraph, PruningMethod, keep_largest, keep_largest_graph, n_pruned
 from pipeline.pruning.graph import kernels
 
 
@@ -19,6 +19,24 @@ class Magnitude(PruningMethod):
 
     def __post_init__(self):
         require(self.scope in ("global", "layer"), "scope", self.scope, "global or layer")
+
+    def in_graph(self, model):
+        variables = [var for _, _, var in kernels(model)]
+        sizes = [int(np.prod(v.shape)) for v in variables]
+        pools = sizes if self.scope == "layer" else [sum(sizes)]
+
+        def keep(weights, counts):
+            import tensorflow as tf
+
+            scores = [tf.reshape(tf.abs(w), [-1]) for w in weights]
+            if self.scope == "layer":
+                kept = [keep_largest_graph(s, counts[i]) for i, s in enumerate(scores)]
+            else:
+                kept = tf.split(keep_largest_graph(tf.concat(scores, 0), counts[0]), sizes)
+            return [tf.reshape(k, tf.shape(w)) for k, w in zip(kept, weights)]
+
+        return InGraph(tuple(v.path for v in variables), f"magnitude/{self.scope}",
+                       lambda target: [n_pruned(target, n) for n in pools], keep)
 
     def masks(self, model, target, seed=0):
         variables = [var for _, _, var in kernels(model)]

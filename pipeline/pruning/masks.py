@@ -92,6 +92,10 @@ class MaskedModel:
         self.masks = merge(self.masks, masks)
         return self.masks
 
+    def sync(self) -> None:
+        """Merge in what the mask variables hold: a compiled loop may have grown them itself."""
+        self.merge({p: self.variables[p].constraint.mask.numpy() != 0 for p in self.masks})
+
     def update(self, masks: Masks) -> None:
         """Merge `masks` in and zero what the masks prune now."""
         hold(self.variables, self.merge(masks))

@@ -45,14 +45,21 @@ def structure(model) -> str:
     return json.dumps([type(model).__name__, model.get_config()], default=str)
 
 
-def _key(model, phase, total_steps: int, audit: bool) -> str:
+def _key(model, phase, total_steps: int, audit: bool, graph) -> str:
     """What the compiled loops depend on: the structure, the variables' regularizers and masks, the
-    optimizer settings, the numerics. Not the weights, masks' values, epochs or batch size."""
+    optimizer settings, the numerics, the masks' in-graph schedule. Not the weights, masks' values, epochs,
+    batch size or the schedule's steps."""
     opt = dataclasses.replace(phase, epochs=0, batch_size=0)
     regs = [[i, type(r).__name__, r.get_config()] for i, r in enumerate(_regularizers(model)) if r is not None]
     return json.dumps([structure(model), regs, _masked_indices(model), dataclasses.asdict(opt),
                        total_steps if phase.schedule != "constant" else None, audit,
-                       keras.mixed_precision.global_policy().name, _jit()], default=str)
+                       keras.mixed_precision.global_policy().name, _jit(), graph and graph.key,
+                       graph and _indices(model, graph.paths)], default=str)
+
+
+def _indices(model, paths) -> list[int]:
+    order = [v.path for v in model.variables]
+    return [order.index(p) for p in paths]
 
 
 def _jit():
@@ -64,7 +71,7 @@ def _jit():
 class Engine:
     """A model's twin with its optimizer and compiled train and validation loops."""
 
-    def __init__(self, model, phase, total_steps: int, audit: bool = False):
+    def __init__(self, model, phase, total_steps: int, audit: bool = False, graph=None):
         import tensorflow as tf
 
         from pipeline.stages.train import compile_model
@@ -94,9 +101,32 @@ class Engine:
             return tf.add_n([tf.math.count_nonzero(tf.cast(w, "float32") * (1 - tf.cast(m, "float32")))
                              for w, m in pruned] or [tf.constant(0, tf.int64)])
 
+        # A schedule's mask updates in the graph (graph: the method's InGraph): before the step that `steps_done`
+        # has reached, if it is one of `update_at`, the masks of graph.paths shrink to what graph.keep keeps.
+        self.graph, scheduled = graph, []
+        if graph:
+            self.steps_done = tf.Variable(0, trainable=False)
+            self.update_at = tf.Variable(tf.zeros([0], tf.int32), shape=tf.TensorShape([None]), trainable=False)
+            self.update_counts = tf.Variable(tf.zeros([0, 0], tf.int32), shape=tf.TensorShape([None, None]),
+                                             trainable=False)
+            scheduled = [(mine[i], self.mask_vars[i]) for i in _indices(model, graph.paths)]
+
+        def update_masks():
+            hit = tf.equal(self.update_at, self.steps_done)
+            if tf.reduce_any(hit):
+                counts = self.update_counts[tf.argmax(tf.cast(hit, tf.int32))]
+                kept = graph.keep([w.value for w, _ in scheduled], counts)
+                for (w, m), keep in zip(scheduled, kept):
+                    mask = m * tf.cast(keep, m.dtype)
+                    m.assign(mask)
+                    w.assign(tf.where(mask != 0, w, tf.zeros_like(w)))
+            self.steps_done.assign_add(1)
+
         def steps(batch, begin, end):
             worst = tf.constant(0, tf.int64)
             for i in tf.range(begin, end):
+                if graph:
+                    update_masks()
                 step(batch(i))
                 if audit:  # the audit build checks every step that no pruned weight is non-zero
                     worst = tf.maximum(worst, pruned_nonzero())
@@ -117,12 +147,18 @@ class Engine:
         self.train_stream, self.train_held, self.pruned_nonzero = train_stream, train_held, pruned_nonzero
         self.validate_stream, self.validate_held = test_loops(twin)
 
-    def load(self, model) -> None:
-        """Copy the model's variables and masks in, and reset the optimizer's state to a fresh one's."""
+    def load(self, model, updates=None) -> None:
+        """Copy the model's variables and masks in, reset the optimizer's state to a fresh one's, and take the
+        mask updates' steps and counts where they run in the graph."""
         theirs = model.variables
         assign_all([*self.twin.variables, *self.mask_vars.values(), *self.twin.optimizer.variables],
                    [*theirs, *(theirs[i].constraint.mask for i in self.mask_vars), *self.fresh_optimizer])
         self.by_path = dict(zip((v.path for v in theirs), self.twin.variables))  # the paths may differ
+        if self.graph:
+            at = sorted(updates.rates)
+            self.steps_done.assign(0)
+            self.update_at.assign(np.array(at, np.int32))
+            self.update_counts.assign(np.array([updates.graph.counts(updates.rates[s]) for s in at], np.int32))
 
     def store(self, model) -> None:
         """Copy the variables and masks out to the model."""
@@ -211,23 +247,26 @@ def cached(cache: collections.OrderedDict, key: str, make):
     return cache[key]
 
 
-def engine(model, phase, total_steps: int, audit: bool = False) -> Engine:
+def engine(model, phase, total_steps: int, audit: bool = False, graph=None) -> Engine:
     """The process's engine for this model structure and phase (made, and traced, on first use)."""
-    return cached(_engines, _key(model, phase, total_steps, audit), lambda: Engine(model, phase, total_steps, audit))
+    return cached(_engines, _key(model, phase, total_steps, audit, graph),
+                  lambda: Engine(model, phase, total_steps, audit, graph))
 
 
 def run(model, train_data: Stream | Held, val_data: Stream | Held, phase, steps_per_epoch: int, callbacks,
-        at_steps=None, audit: bool = False) -> dict[str, list[float]]:
+        updates=None, audit: bool = False) -> dict[str, list[float]]:
     """Fit `model` for phase.epochs of `steps_per_epoch` steps on `train_data` (shuffled anew each epoch),
-    validating on `val_data` after each; before global step s, the masks become `at_steps[s](view)` (see
-    train.fit), computed from the engine's twin. Keras callbacks get epoch and test events and
-    one batch event per compiled call; the model holds the trained weights at every epoch end.
+    validating on `val_data` after each; the masks follow `updates` (train.fit): inside the compiled loop where
+    the method has in-graph masks, else computed from the engine's twin at a stop before each of its steps.
+    Keras callbacks get epoch and test events and one batch event per compiled call; the model holds the
+    trained weights at every epoch end.
     Returns the history (per epoch: loss, metrics, val_ metrics, whatever callbacks add to the logs;
     `pruned_nonzero` with `audit`: the most pruned weights found non-zero after any step, i.e. 0)."""
-    at_steps = at_steps or {}
+    graph = updates.graph if updates else None
+    stops = updates.rates if updates and not graph else {}
     total = steps_per_epoch * phase.epochs
-    eng = engine(model, phase, total, audit)
-    eng.load(model)
+    eng = engine(model, phase, total, audit, graph)
+    eng.load(model, updates)
     history = keras.callbacks.History()  # last: it records what the callbacks before it add to the logs
     cbs = keras.callbacks.CallbackList([*callbacks, history], model=model, epochs=phase.epochs,
                                        steps=steps_per_epoch, verbose=0)
@@ -238,11 +277,11 @@ def run(model, train_data: Stream | Held, val_data: Stream | Held, phase, steps_
         cbs.on_epoch_begin(epoch)
         train_data.epoch()
         first = epoch * steps_per_epoch
-        bounds = sorted({first, first + steps_per_epoch} | {s for s in at_steps if first < s < first + steps_per_epoch})
+        bounds = sorted({first, first + steps_per_epoch} | {s for s in stops if first < s < first + steps_per_epoch})
         worst = 0
         for begin, end in zip(bounds, bounds[1:]):
-            if begin in at_steps:
-                hold(eng.by_path, at_steps[begin](eng.twin))
+            if begin in stops:
+                hold(eng.by_path, updates.at(begin, eng.twin))
             cbs.on_train_batch_begin(begin - first)
             logs, nonzero = train_data.train(eng, begin - first, end - first)
             worst = max(worst, int(nonzero))

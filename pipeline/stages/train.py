@@ -149,40 +149,38 @@ def loop_feeds(data, batch_size: int, seed: int):
     return train, loop.in_order(data, "val", batch_size)
 
 
-def fit(model, data, phase: Phase, stage: str, callbacks=(), at_steps=None, fast: bool = True,
+def fit(model, data, phase: Phase, stage: str, callbacks=(), updates=None, fast: bool = True,
         audit: bool = False) -> dict[str, list[float]]:
     """Fit for phase.epochs on the training split (a seeded tf.data pipeline: the same data.seed, the same
-    batches), validating on the validation split. Before global step s, the masks become `at_steps[s](view)`:
-    masks keyed by the model's paths, computed from `view`, which holds the current weights (the model, or
-    the fast loop's twin of it: the same variables in the same order); the weights they prune are zeroed.
-    Fast: pipeline.stages.loop (one compiled call per epoch, split at `at_steps`, compiled once per process
-    and structure, on loop_feeds); otherwise Keras's model.fit, one call per batch (at_steps from a callback)."""
+    batches), validating on the validation split. `updates` (finetune.MaskUpdates) changes the masks before
+    each of its steps. Fast: pipeline.stages.loop (one compiled call per epoch, compiled once per process and
+    structure, on loop_feeds); otherwise Keras's model.fit, one call per batch (the updates from a callback)."""
     seed = (getattr(data, "seed", 0) + zlib.crc32(stage.encode())) % 2**31  # each stage its own order
     steps = steps_per_epoch(data, phase)
     callbacks = [StopOnNonFinite(stage), EpochSeconds(), Progress(stage, PROGRESS_AFTER_S), *callbacks]
     if fast:
         from pipeline.stages import loop
 
-        return loop.run(model, *loop_feeds(data, phase.batch_size, seed), phase, steps, callbacks, at_steps, audit)
+        return loop.run(model, *loop_feeds(data, phase.batch_size, seed), phase, steps, callbacks, updates, audit)
     compile_model(model, phase, steps * phase.epochs)
     history = model.fit(training_batches(data, phase.batch_size, seed), epochs=phase.epochs, shuffle=False,
                         validation_data=validation_batches(data, phase.batch_size), verbose=0,
-                        callbacks=[*callbacks, AtSteps(at_steps or {})])
+                        callbacks=[*callbacks, *([UpdateMasks(updates)] if updates else [])])
     return {k: [float(v) for v in vals] for k, vals in history.history.items()}
 
 
-class AtSteps(keras.callbacks.Callback):
-    """Sets the masks to at_steps[s](model) before global step s of a model.fit."""
+class UpdateMasks(keras.callbacks.Callback):
+    """Sets the masks to updates.at(s, model) before each of the updates' steps s of a model.fit."""
 
-    def __init__(self, at_steps):
+    def __init__(self, updates):
         super().__init__()
-        self.at_steps, self.step = at_steps, 0
+        self.updates, self.step = updates, 0
 
     def on_train_batch_begin(self, batch, logs=None):
         from pipeline.pruning.masks import hold, variables_by_path
 
-        if self.step in self.at_steps:
-            hold(variables_by_path(self.model), self.at_steps[self.step](self.model))
+        if self.step in self.updates.rates:
+            hold(variables_by_path(self.model), self.updates.at(self.step, self.model))
         self.step += 1
 
 
