@@ -150,3 +150,32 @@ def test_the_same_seed_gives_the_same_history(rgb):
         out = train.fit(tiny_model(data), data, Phase(epochs=3, batch_size=8, schedule="cosine"), "t")
         return {k: v for k, v in out.items() if k != "seconds"}
     assert history() == history()
+
+
+@pytest.mark.parametrize("make", [
+    lambda lib: lib.Adam(0.01),
+    lambda lib: lib.Adam(0.01, weight_decay=0.1),
+    lambda lib: lib.SGD(0.05, momentum=0.9),
+])
+def test_fused_optimizers_make_kerass_updates(make):
+    """Fed the same gradients, the fused updates (one op per variable) move weights and slots as Keras's."""
+    import tensorflow as tf
+
+    from pipeline.stages import optimizers
+
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=(5, 4)).astype("float32")
+    gradients = [rng.normal(size=(5, 4)).astype("float32") for _ in range(20)]
+
+    def train(opt):
+        w = keras.Variable(start)
+        opt.build([w])
+        apply = tf.function(lambda g: opt.apply([g], [w]))
+        for g in gradients:
+            apply(tf.constant(g))
+        return [w.numpy(), *(v.numpy() for v in opt.variables)]
+
+    results = [train(make(lib)) for lib in (keras.optimizers, optimizers)]
+    assert type(make(optimizers)).update_step is not type(make(keras.optimizers)).update_step
+    for ours, theirs in zip(*results, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)  # float32 rounding, 20 steps

@@ -101,8 +101,9 @@ class Engine:
             return tf.add_n([tf.math.count_nonzero(tf.cast(w, "float32") * (1 - tf.cast(m, "float32")))
                              for w, m in pruned] or [tf.constant(0, tf.int64)])
 
-        # A schedule's mask updates in the graph (graph: the method's InGraph): before the step that `steps_done`
-        # has reached, if it is one of `update_at`, the masks of graph.paths shrink to what graph.keep keeps.
+        # A schedule's mask updates in the graph (graph: the method's InGraph): the steps run in stretches that
+        # end where the next of `update_at` begins; before each stretch, if `steps_done` is one of `update_at`,
+        # the masks of graph.paths shrink to what graph.keep keeps.
         self.graph, scheduled = graph, []
         if graph:
             self.steps_done = tf.Variable(0, trainable=False)
@@ -120,16 +121,29 @@ class Engine:
                     mask = m * tf.cast(keep, m.dtype)
                     m.assign(mask)
                     w.assign(tf.where(mask != 0, w, tf.zeros_like(w)))
-            self.steps_done.assign_add(1)
 
-        def steps(batch, begin, end):
-            worst = tf.constant(0, tf.int64)
+        def until_next_update():
+            later = tf.where(self.update_at > self.steps_done, self.update_at, tf.int32.max)
+            return tf.reduce_min(later) - self.steps_done
+
+        def stretch(batch, begin, end, worst):
             for i in tf.range(begin, end):
-                if graph:
-                    update_masks()
                 step(batch(i))
                 if audit:  # the audit build checks every step that no pruned weight is non-zero
                     worst = tf.maximum(worst, pruned_nonzero())
+            return worst
+
+        def steps(batch, begin, end):
+            worst = tf.constant(0, tf.int64)
+            if graph:
+                while begin < end:
+                    update_masks()
+                    n = tf.minimum(end - begin, until_next_update())
+                    worst = stretch(batch, begin, begin + n, worst)
+                    self.steps_done.assign_add(n)
+                    begin += n
+            else:
+                worst = stretch(batch, begin, end, worst)
             return twin.get_metrics_result(), worst
 
         @tf.function(reduce_retracing=True)

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 
 from pipeline.config import Phase
+from pipeline.stages import optimizers
 from pipeline.stages.recalibrate import after_phase
 
 log = logging.getLogger("pipeline")
@@ -100,9 +101,9 @@ def compile_model(model, phase: Phase, total_steps: int = 0) -> None:
     """Compile for the phase; a schedule other than constant needs the phase's total_steps."""
     lr = learning_rate(phase, total_steps)
     if phase.optimizer == "sgd":
-        opt = keras.optimizers.SGD(lr, momentum=phase.momentum, weight_decay=phase.weight_decay or None)
+        opt = optimizers.SGD(lr, momentum=phase.momentum, weight_decay=phase.weight_decay or None)
     else:
-        opt = keras.optimizers.Adam(lr, weight_decay=phase.weight_decay or None)
+        opt = optimizers.Adam(lr, weight_decay=phase.weight_decay or None)
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                   jit_compile=JIT_COMPILE)
 
