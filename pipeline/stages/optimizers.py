@@ -24,6 +24,7 @@ def _dense(gradient) -> bool:
     return not isinstance(gradient, tf.IndexedSlices)
 
 
+@keras.saving.register_keras_serializable(package="pipeline")  # a compiled model's clone rebuilds its optimizer
 class Adam(keras.optimizers.Adam):
     def update_step(self, gradient, variable, learning_rate):
         import tensorflow as tf
@@ -41,6 +42,7 @@ class Adam(keras.optimizers.Adam):
             epsilon=ops.cast(self.epsilon, dtype), grad=ops.cast(gradient, dtype))
 
 
+@keras.saving.register_keras_serializable(package="pipeline")
 class SGD(keras.optimizers.SGD):
     def update_step(self, gradient, variable, learning_rate):
         import tensorflow as tf
