@@ -27,7 +27,7 @@ QUICK_GRID = [0.3, 0.6, 0.9]
 STRUCTURED = {"methods": ["filter", "slim"], "target": 0.5, "model": "vgg_bn"}
 SPEED = "benchmarks/speed.md"  # section 4, written by bench_speed (also alone: --only speed)
 STEP_ARGS = ["--models", "seed_cnn", "--seeds", "0", "--targets", "0.5", "--baseline-epochs", "2"]
-STEP_ROUNDS = 2  # each side's step timing runs this many times, alternating, so both see the same load
+STEP_ROUNDS = 3  # each side's step timing runs this many times, alternating, so both see the same load
 STEP_THREADS = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}  # both sides: a sweep worker's
 HOOKS = {"4. Speed: steps per compiled call, parallel jobs": SPEED,
          "TensorFlow Model Optimization peer": "benchmarks/peer.md",  # written by other modules
@@ -316,17 +316,19 @@ def speed_markdown(speed: dict) -> str:
              f"pipeline.peers.ours` with the same arguments, run in turn {rounds} time(s) each (median "
              "of the runs): ms per training step = each epoch's training part (start of the epoch to the start "
              "of its validation) / its steps, median over epochs 2-15. Ours: masked fine-tuning as the pipeline "
-             "runs it (pipeline.stages.finetune: an epoch per compiled call, split at mask updates; masks held "
-             "inside every optimizer step); `keras_fit`: the same dense model with Keras's plain model.fit, same "
-             "batch size. TF-MOT: prune_low_magnitude + UpdatePruningStep with tf_keras. Both processes run with "
-             "one TensorFlow thread (TF_NUM_INTRAOP_THREADS=TF_NUM_INTEROP_THREADS=1), as each worker of the "
-             "sweep below does on 2 cores.", "",
+             "runs it (pipeline.stages.finetune: an epoch per compiled call, with gradual magnitude's mask "
+             "updates inside it; masks held inside every optimizer step; Adam's update fused); `keras_fit`: the "
+             "same dense model with Keras as it comes (its own Adam, model.fit), same batch size. TF-MOT: "
+             "prune_low_magnitude + UpdatePruningStep with tf_keras. Both processes run TensorFlow's oneDNN "
+             f"kernels (TF_ENABLE_ONEDNN_OPTS={os.environ['TF_ENABLE_ONEDNN_OPTS']}) on one TensorFlow thread "
+             "(TF_NUM_INTRAOP_THREADS=TF_NUM_INTEROP_THREADS=1), as each worker of the sweep below does on 2 "
+             "cores.", "",
              "| step | ms |", "|---|---:|",
              f"| ours masked, one_shot | {masked['one_shot']:.3f} |",
-             f"| ours masked, gradual (masks recomputed every 10 steps over 60% of fine-tuning) "
+             f"| ours masked, gradual (masks recomputed every 10 steps over 60% of fine-tuning, in the loop) "
              f"| {masked['gradual']:.3f} |",
              f"| ours dense, fast path | {ours_dense:.3f} |",
-             f"| plain Keras 3 model.fit, dense | {keras_fit:.3f} |",
+             f"| Keras 3 as it comes (its Adam, model.fit), dense | {keras_fit:.3f} |",
              f"| TF-MOT pruning step, one_shot (ConstantSparsity) | {tfmot['one_shot']:.3f} |",
              f"| TF-MOT pruning step, gradual (PolynomialDecay) | {tfmot['gradual']:.3f} |",
              f"| tf_keras model.fit, dense | {tf_keras:.3f} |", "",
