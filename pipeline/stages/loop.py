@@ -1,8 +1,9 @@
 """Compiled training loops: many optimizer steps per call, compiled once per process and model structure.
 
 Keras's `model.fit` calls one compiled step per batch from Python, and traces its step anew for every
-model it compiles. Here a fit makes one compiled call per epoch, split only at the steps where a
-sparsity schedule changes the masks, so masks change exactly at their steps. The step inside is Keras's
+model it compiles. Here a fit makes one compiled call per epoch, and masks change exactly at a sparsity
+schedule's steps: inside the call where the method has its masks as TensorFlow ops (PruningMethod.in_graph),
+else the call is split at those steps. The step inside is Keras's
 own `train_step` (loss, regularization, loss scaling, metrics, the optimizer applying the mask
 constraints after every update), so the results are model.fit's.
 
