@@ -114,9 +114,11 @@ def test_fast_finetune_equals_model_fit(few, start, method, in_graph):
     assert_same(*(job(few, start, schedule, fast, method) for fast in (True, False)))
 
 
-def test_masks_computed_on_a_twin_whose_paths_differ_land_on_the_models_weights(few, tmp_path):
+@pytest.mark.parametrize("method", [Magnitude(), Filter()])
+def test_masks_computed_on_a_twin_whose_paths_differ_land_on_the_models_weights(few, tmp_path, method):
     """A Sequential loaded from a file names its weights `conv2d/kernel`; its clone, the compiled loop's twin,
-    `sequential/conv2d/kernel`: the schedule's masks, computed on the twin, are the plain path's."""
+    `sequential/conv2d/kernel`: the schedule's masks, computed on the twin (in the loop for magnitude, at a
+    stop for filter), are the plain path's."""
     keras.Sequential([keras.Input(few.input_shape), keras.layers.Conv2D(4, 3), keras.layers.Flatten(),
                       keras.layers.Dense(few.num_classes, activation="softmax")]).save(tmp_path / "m.keras")
 
@@ -127,7 +129,7 @@ def test_masks_computed_on_a_twin_whose_paths_differ_land_on_the_models_weights(
     assert [v.path for v in model.variables] != [v.path for v in keras.models.clone_model(model).variables]
     schedule = Gradual(target=0.6, frequency=3)
     start = model.get_weights()
-    assert_same(job(few, start, schedule, fast=True, build=build), job(few, start, schedule, fast=False, build=build))
+    assert_same(*(job(few, start, schedule, fast, method, build) for fast in (True, False)))
 
 
 def test_a_second_job_reuses_the_compiled_loop_and_starts_afresh(few, start):
