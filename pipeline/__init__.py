@@ -56,5 +56,5 @@ class QuietTensorFlow(importlib.abc.MetaPathFinder):
         return spec
 
 
-if "tensorflow" not in sys.modules and not any(isinstance(f, QuietTensorFlow) for f in sys.meta_path):
+if "tensorflow" not in sys.modules:
     sys.meta_path.insert(0, QuietTensorFlow())

@@ -15,7 +15,7 @@ class MaskUpdates:
 
     def __init__(self, masked, method, rates: dict[int, float], seed: int):
         self.masked, self.method, self.rates, self.seed = masked, method, rates, seed
-        graph = method.in_graph(masked.model) if rates else None
+        graph = method.in_graph(masked.model)
         self.graph = graph if graph and set(graph.paths) <= set(masked.masks) else None
 
     def at(self, step: int, view) -> Masks:

@@ -18,18 +18,12 @@ def _handle(variable):
     return variable.handle if isinstance(variable, tf.Variable) else variable.value.handle
 
 
-def _dense(gradient) -> bool:
-    import tensorflow as tf
-
-    return not isinstance(gradient, tf.IndexedSlices)
-
-
 @keras.saving.register_keras_serializable(package="pipeline")  # a compiled model's clone rebuilds its optimizer
 class Adam(keras.optimizers.Adam):
     def update_step(self, gradient, variable, learning_rate):
         import tensorflow as tf
 
-        if self.amsgrad or not _dense(gradient):
+        if self.amsgrad or isinstance(gradient, tf.IndexedSlices):
             return super().update_step(gradient, variable, learning_rate)
         dtype = variable.dtype
         step = ops.cast(self.iterations + 1, dtype)
@@ -47,7 +41,7 @@ class SGD(keras.optimizers.SGD):
     def update_step(self, gradient, variable, learning_rate):
         import tensorflow as tf
 
-        if self.momentum == 0 or self.nesterov or not _dense(gradient):
+        if self.momentum == 0 or self.nesterov or isinstance(gradient, tf.IndexedSlices):
             return super().update_step(gradient, variable, learning_rate)
         dtype = variable.dtype
         tf.raw_ops.ResourceApplyKerasMomentum(
