@@ -75,6 +75,8 @@ class JoblibWorkers(Workers):
     """The joblib launcher's workers, started at once; each imports PRELOAD in the background (those that
     will get a job, of `jobs` if known)."""
 
+    elsewhere = True
+
     def __init__(self, config: DictConfig, jobs: int | None):
         from joblib import delayed, effective_n_jobs
 

@@ -5,11 +5,13 @@ the comparison report at the end; and the objective a job returns for an optimis
 from __future__ import annotations
 
 import atexit
+import importlib
 import json
 import logging
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -174,6 +176,16 @@ class Job:
         self._record(status="FAILED", error=f"{what}: {text}")
 
 
+def stand_back() -> None:
+    """For a sweep whose jobs run in workers, once they have their first work: this process only launches the
+    jobs, waits, and writes the report. It yields the cores to the workers (while the first baseline trains,
+    Hydra composes every job once more here), and imports the report's modules meanwhile (a second less at
+    the end)."""
+    os.nice(10)  # per thread on Linux: this one and those it starts
+    threading.Thread(target=lambda: [importlib.import_module(m) for m in ("pipeline.report", "matplotlib.pyplot")],
+                     daemon=True).start()
+
+
 def first_problem(checks: list[tuple]) -> str | None:
     """For each (data source, seed, model spec): the data loads and the model fits it. The first problem's
     error (one line), or None."""
@@ -196,6 +208,8 @@ class Workers:
     and its first job trains the baseline. Launchers whose workers start with the sweep do both in a worker,
     sparing the sweep's process TensorFlow and having the baseline ready sooner: hydra/launcher=ray (which
     sets `workers`) and joblib (pipeline/joblib_workers.py)."""
+
+    elsewhere = False  # the jobs run in processes other than the sweep's
 
     def check(self, checks: list[tuple]) -> str | None:
         return first_problem(checks)
@@ -260,21 +274,30 @@ class SweepCallback(Callback):
             key = json.dumps([OmegaConf.to_container(cfg.data, resolve=True), cfg.seed,
                               OmegaConf.to_container(cfg.model, resolve=True)], sort_keys=True)
             checks.setdefault(key, (part["data"], cfg.seed, part["model"]))
-        problem = pool.check(list(checks.values()))
-        if problem:
-            raise ConfigError(problem)
         track = parts[0]["tracking"]
+        uri = tracking.resolve_uri(track.uri) if track.enabled else ""
+        if uri:
+            tracking.check_store(uri)
+        store = tracking.NewStore(uri)  # a new store is made meanwhile, put in place if all is well
+        try:
+            problem = pool.check(list(checks.values()))
+            if problem:
+                raise ConfigError(problem)
+            self._claim(Path(config.hydra.sweep.dir))
+        except BaseException:
+            store.discard()
+            raise
+        store.place()
         os.environ[TOTAL_ENV], os.environ[START_ENV] = str(len(jobs)) if basic else "", str(time.time())
         os.environ[SWEPT_ENV] = json.dumps(swept_keys(config))
-        self._claim(Path(config.hydra.sweep.dir))
         results_file(config).unlink(missing_ok=True)
         os.environ[RESULTS_ENV] = str(results_file(config).resolve())
-        if not track.enabled:
+        if not uri:
             return
-        uri = tracking.resolve_uri(track.uri)
-        tracking.check_store(uri)
         if basic:  # all is checked: a worker may write to the store (the store's creation is locked)
             pool.prepare(configs[0])
+        if pool.elsewhere:
+            stand_back()
         client = tracking.client(uri)  # the database and experiment exist before any job starts
         exp_id = tracking.experiment_id(client, track.experiment, uri)
         parent = client.create_run(exp_id, run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",

@@ -6,7 +6,10 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
+import tempfile
+import threading
 import time
 import traceback
 from contextlib import closing
@@ -127,6 +130,57 @@ def client(uri: str):
     except Exception as e:
         raise ConfigError(f"tracking store {db} cannot be opened as an MLflow database: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+class NewStore:
+    """A sqlite store that does not exist yet, created aside in a thread (MLflow's tables and migrations take
+    a second or more) while the sweep finishes its checks, and put in place only once they pass (place): a
+    sweep that fails them writes nothing (discard). Nothing to do for a store that exists, or a server."""
+
+    def __init__(self, uri: str):
+        db = sqlite_path(uri)
+        self.db = db if db is not None and not db.exists() else None
+        if self.db is not None:
+            self.folder = Path(tempfile.mkdtemp(prefix="pipeline-store-"))
+            self.thread = threading.Thread(target=self._create, daemon=True)
+            self.thread.start()
+
+    def _create(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        quiet = logging.getLogger("mlflow.store.db.utils")  # "Creating initial MLflow database tables...": not yet
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)
+        try:
+            MlflowClient(tracking_uri=f"sqlite:///{self.folder / self.db.name}").search_experiments(max_results=1)
+        except Exception:  # left to client(), which says what is wrong
+            pass
+        finally:
+            quiet.setLevel(level)
+
+    def place(self) -> None:
+        """The store made aside, in place, unless one appeared meanwhile (another sweep's)."""
+        if self.db is None:
+            return
+        from filelock import FileLock
+
+        self.thread.join()
+        made = self.folder / self.db.name
+        try:
+            if made.exists():
+                self.db.parent.mkdir(parents=True, exist_ok=True)
+                with FileLock(str(self.db.with_name(self.db.name + ".lock"))):
+                    if not self.db.exists():
+                        part = self.db.with_name(f".{self.db.name}.{os.getpid()}.part")
+                        shutil.copyfile(made, part)
+                        os.replace(part, self.db)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        if self.db is not None:
+            self.thread.join()
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def existing_client(uri: str):

@@ -1,5 +1,6 @@
 """Every option of every group composes and validates; bad values stop with one line and exit 2."""
 
+import os
 import subprocess
 import sys
 
@@ -67,11 +68,14 @@ def test_bad_values_name_the_key(override, needle):
 ])
 def test_cli_rejects_bad_input_with_exit_2_and_writes_nothing(tmp_path, args, needle):
     uri = [] if any(a.startswith("tracking.uri") for a in args) else [f"tracking.uri=sqlite:///{tmp_path}/m.db"]
+    (tmp_path / "tmp").mkdir()
     proc = subprocess.run([sys.executable, "-m", "pipeline.run", *args, *uri,
                            f"hydra.sweep.dir={tmp_path}/sweep", f"hydra.run.dir={tmp_path}/run"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "INFO mlflow" not in line]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "m.db").exists()
+    assert not list((tmp_path / "tmp").glob("pipeline-store-*"))  # a new store made aside (NewStore) is gone

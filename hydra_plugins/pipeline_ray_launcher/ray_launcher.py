@@ -198,6 +198,8 @@ class RayWorkers(Workers):
     """The sweep's checks and its first baseline on `worker`; the checks here should the worker be gone (the
     launcher then says why)."""
 
+    elsewhere = True
+
     def __init__(self, worker) -> None:
         self.worker = worker
 
