@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import Phase
 from pipeline.models import VGGBN, SeedCNN
-from pipeline.pruning.base import keep_largest
+from pipeline.pruning.base import keep_largest, keep_largest_graph
 from pipeline.pruning.filter import Filter
 from pipeline.pruning.magnitude import Magnitude
 from pipeline.pruning.masks import MaskedModel, load_masks, merge, save_masks
@@ -120,6 +120,21 @@ def test_keep_largest_drops_what_a_stable_sort_puts_first():
             expected = np.ones(40, bool)
             expected[np.argsort(x, kind="stable")[:n]] = False
             np.testing.assert_array_equal(keep_largest(x, n), expected, err_msg=f"{x} {n}")
+
+
+def test_keep_largest_in_the_graph_is_keep_largest():
+    """The compiled loop's selection (gradual magnitude's masks): the same masks on |w| with ties, -0.0, NaN."""
+    import tensorflow as tf
+
+    select = tf.function(keep_largest_graph)
+    rng = np.random.default_rng(0)
+    for trial in range(120):
+        x = (rng.integers(0, 4, 40) if trial % 2 else np.abs(rng.normal(size=40))).astype(np.float32)
+        x[rng.integers(0, 40, trial % 3)] = -0.0
+        x[rng.integers(0, 40, trial % 4 // 2)] = np.nan
+        for n in range(41):
+            np.testing.assert_array_equal(select(tf.constant(x), tf.constant(n)).numpy(), keep_largest(x, n),
+                                          err_msg=f"{x} {n}")
 
 
 def test_constraints_are_removed_on_detach():
