@@ -200,10 +200,12 @@ def write(out: str, budget: str, runs: dict, server: dict, speedup: float, pairs
         fixed = {k: sum(phase(k, p) for p in ("start", "baseline", "end")) for k in runs}
         job = {k: statistics.median(r["job_s_median"] for r in runs[k]) for k in runs}
         slower, faster = job["ray"] / job["basic"], phase("basic", "jobs") / phase("ray", "jobs")
-        lines.append(f"- Where it goes (medians): the jobs phase is {faster:.2f}x "
-                     f"faster on Ray, whose jobs each take {slower:.2f}x as long as the basic launcher's (two at once "
-                     f"on 2 cores); the fixed costs, which no launcher divides (start, the baseline that jobs "
-                     f"wait for, the report), are {fixed['basic']:.1f}s on the basic launcher and "
+        lines.append(f"- Where it goes (medians): the jobs phase is {faster:.2f}x faster on Ray, whose jobs each "
+                     f"take {slower:.2f}x as long as the basic launcher's (Ray: two at once on 2 cores, one "
+                     f"TensorFlow thread each; basic: one at a time, TensorFlow's default threads, every core for one "
+                     f"process, which on a model this small is slower than one thread: see README, Speed); the fixed "
+                     f"costs, which no launcher divides (start, the baseline that jobs wait for, the report), are "
+                     f"{fixed['basic']:.1f}s on the basic launcher and "
                      f"{fixed['ray']:.1f}s on Ray. The longer the jobs, the closer the whole sweep's ratio comes to "
                      "the jobs phase's.")
     ray = runs["ray"]
