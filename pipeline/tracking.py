@@ -139,7 +139,7 @@ class NewStore:
 
     def __init__(self, uri: str):
         db = sqlite_path(uri)
-        self.db = db if db is not None and not db.exists() else None
+        self.db, self.made = (db if db is not None and not db.exists() else None), False
         if self.db is not None:
             self.folder = Path(tempfile.mkdtemp(prefix="pipeline-store-"))
             self.thread = threading.Thread(target=self._create, daemon=True)
@@ -153,6 +153,7 @@ class NewStore:
         quiet.setLevel(logging.WARNING)
         try:
             MlflowClient(tracking_uri=f"sqlite:///{self.folder / self.db.name}").search_experiments(max_results=1)
+            self.made = True
         except Exception:  # left to client(), which says what is wrong
             pass
         finally:
@@ -165,14 +166,13 @@ class NewStore:
         from filelock import FileLock
 
         self.thread.join()
-        made = self.folder / self.db.name
         try:
-            if made.exists():
+            if self.made:
                 self.db.parent.mkdir(parents=True, exist_ok=True)
                 with FileLock(str(self.db.with_name(self.db.name + ".lock"))):
                     if not self.db.exists():
                         part = self.db.with_name(f".{self.db.name}.{os.getpid()}.part")
-                        shutil.copyfile(made, part)
+                        shutil.copyfile(self.folder / self.db.name, part)
                         os.replace(part, self.db)
         finally:
             self.discard()

@@ -58,6 +58,25 @@ def test_a_corrupt_store_is_one_line_for_run_sweep_report_and_verify(tmp_path):
     assert db.read_bytes().startswith(b"this is not a database")
 
 
+def test_a_store_made_aside_is_put_in_place_unless_one_appeared_meanwhile(tmp_path):
+    """tracking.NewStore (a sweep's new store, made while the sweep checks its data and models): placed, it is
+    a working MLflow store; a store another sweep created meanwhile is kept as it is. Nothing left aside."""
+    uri = f"sqlite:///{tmp_path}/new/mlflow.db"
+    store = tracking.NewStore(uri)
+    store.place()
+    client = tracking.client(uri)
+    run = client.create_run(tracking.experiment_id(client, "pruning", uri))
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"
+
+    uri = f"sqlite:///{tmp_path}/raced/mlflow.db"
+    store = tracking.NewStore(uri)
+    client = tracking.client(uri)  # the other sweep's
+    exp = tracking.experiment_id(client, "theirs", uri)
+    store.place()
+    assert tracking.client(uri).get_experiment(exp).name == "theirs"
+    assert not store.folder.exists()
+
+
 def test_a_read_only_store_can_be_reported_and_verified():
     """As a user who may read the store but not write its folder: no lock file, no tag, no error."""
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
