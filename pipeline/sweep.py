@@ -5,7 +5,6 @@ the comparison report at the end; and the objective a job returns for an optimis
 from __future__ import annotations
 
 import atexit
-import importlib
 import json
 import logging
 import math
@@ -182,8 +181,13 @@ def stand_back() -> None:
     Hydra composes every job once more here), and imports the report's modules meanwhile (a second less at
     the end)."""
     os.nice(10)  # per thread on Linux: this one and those it starts
-    threading.Thread(target=lambda: [importlib.import_module(m) for m in ("pipeline.report", "matplotlib.pyplot")],
-                     daemon=True).start()
+    threading.Thread(target=_import_report, daemon=True).start()
+
+
+def _import_report() -> None:
+    import matplotlib.pyplot  # noqa: F401
+
+    from pipeline import report  # noqa: F401
 
 
 def first_problem(checks: list[tuple]) -> str | None:
