@@ -124,12 +124,24 @@ def client(uri: str):
 
         db.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(db.with_name(db.name + ".lock"))):
-            return _opened(MlflowClient(tracking_uri=uri))  # creates or upgrades the tables
+            new = not db.exists()
+            opened = _opened(MlflowClient(tracking_uri=uri))  # creates or upgrades the tables
+        if new:
+            collect_migrations()
+        return opened
     except ConfigError:
         raise
     except Exception as e:
         raise ConfigError(f"tracking store {db} cannot be opened as an MLflow database: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def collect_migrations() -> None:
+    """A new store's migrations leave SQLAlchemy classes to the garbage collector, whose callbacks, should a
+    Ctrl-C come while one runs, print a traceback: collected at once instead."""
+    import gc
+
+    gc.collect()
 
 
 class NewStore:
@@ -153,6 +165,7 @@ class NewStore:
         quiet.setLevel(logging.WARNING)
         try:
             MlflowClient(tracking_uri=f"sqlite:///{self.folder / self.db.name}").search_experiments(max_results=1)
+            collect_migrations()  # here, in this thread
             self.made = True
         except Exception:  # left to client(), which says what is wrong
             pass

@@ -213,6 +213,24 @@ def test_ctrl_c_ends_a_joblib_sweep_with_one_line_and_killed_runs(tmp_path):
     assert "RUNNING" not in statuses and "KILLED" in statuses
 
 
+def test_a_new_stores_migrations_are_collected_at_once(tmp_path, monkeypatch):
+    """Creating a store leaves SQLAlchemy classes whose collection, were a Ctrl-C to come during it, printed a
+    traceback (the Ctrl-C test above caught one): whoever makes a store collects them at once."""
+    import gc
+
+    from sqlalchemy.orm import clsregistry
+
+    removed, remove = [], clsregistry._MultipleClassMarker._remove_item
+    monkeypatch.setattr(clsregistry._MultipleClassMarker, "_remove_item",
+                        lambda marker, ref: (removed.append(ref), remove(marker, ref)))
+    gc.collect()
+    tracking.client(f"sqlite:///{tmp_path}/made-here.db")
+    tracking.NewStore(f"sqlite:///{tmp_path}/made-aside.db").place()
+    made = len(removed)
+    gc.collect()
+    assert made >= 2 and len(removed) == made
+
+
 def test_two_sweeps_never_share_a_folder(tmp_path):
     from hydra import compose, initialize_config_dir
 
