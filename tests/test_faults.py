@@ -41,6 +41,8 @@ def finish(proc, timeout=400):
 
 def job_runs(client, status=None):
     exp = client.get_experiment_by_name("pruning")
+    if exp is None:  # the store is there, its experiment not yet
+        return []
     runs = client.search_runs([exp.experiment_id], "tags.config_hash != ''", max_results=1000)
     return [r for r in runs if status is None or r.info.status == status]
 
