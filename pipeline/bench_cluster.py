@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline import tracking
+from pipeline.bench import STEP_THREADS as ONE_THREAD
 from pipeline.sweep import read_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +32,6 @@ BUDGET = "training=default training.finetune.epochs=300"
 SECTION = "benchmarks/cluster.md"  # hooked into BENCHMARKS.md (pipeline.bench.HOOKS)
 # Ray on loopback only (else it swaps 127.0.0.1 for the machine's network address), no token to share
 LOOPBACK_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
-ONE_THREAD = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
 
 
 def _port() -> int:

@@ -120,10 +120,8 @@ def client(uri: str):
     try:
         if db.exists() and not writable(uri):  # read-only: nothing to create, and no lock file can be made
             return _opened(MlflowClient(tracking_uri=uri))
-        from filelock import FileLock
-
         db.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(db.with_name(db.name + ".lock"))):
+        with creation_lock(db):
             new = not db.exists()
             opened = _opened(MlflowClient(tracking_uri=uri))  # creates or upgrades the tables
         if new:
@@ -134,6 +132,13 @@ def client(uri: str):
     except Exception as e:
         raise ConfigError(f"tracking store {db} cannot be opened as an MLflow database: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def creation_lock(db: Path):
+    """The lock beside a sqlite store under which it is created (or, made aside, put in place)."""
+    from filelock import FileLock
+
+    return FileLock(str(db.with_name(db.name + ".lock")))
 
 
 def collect_migrations() -> None:
@@ -176,13 +181,11 @@ class NewStore:
         """The store made aside, in place, unless one appeared meanwhile (another sweep's)."""
         if self.db is None:
             return
-        from filelock import FileLock
-
         self.thread.join()
         try:
             if self.made:
                 self.db.parent.mkdir(parents=True, exist_ok=True)
-                with FileLock(str(self.db.with_name(self.db.name + ".lock"))):
+                with creation_lock(self.db):
                     if not self.db.exists():
                         part = self.db.with_name(f".{self.db.name}.{os.getpid()}.part")
                         shutil.copyfile(self.folder / self.db.name, part)
