@@ -101,8 +101,24 @@ class Dataset:
 
     def sample(self, n: int) -> np.ndarray:
         """n test images, the first ones (repeated in turn when the split has fewer): model signatures, latency."""
-        images = next(iter(self.examples("test").batch(n)))[0].numpy()
+        images = first_batch(self.examples("test"), n)[0].numpy()
         return np.resize(images, (n, *images.shape[1:]))
+
+
+def untuned(ds):
+    """ds without tf.data's autotuning, for a pipeline with nothing to tune (indices, a batch read at once).
+    An autotuned iterator runs a tuning thread, and deleting the iterator waits for that thread: up to half a
+    second on a busy machine, which was half the time of every other job of a sweep outside its training."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
+def first_batch(examples, n: int):
+    """The first n (image, label) of a tf.data.Dataset of examples, as tensors."""
+    return next(iter(untuned(examples.batch(n))))
 
 
 @dataclass

@@ -78,6 +78,16 @@ def test_held_batches_are_the_tf_data_pipelines(few):
     assert np.array_equal(x, val.x) and len(val.x) == len(few.y_val)
 
 
+def test_one_off_pipelines_are_not_autotuned(few):
+    """Deleting an autotuned tf.data iterator waits for its tuning thread (up to half a second on a busy
+    machine, after every other job of a sweep): the epochs' orders and a first batch have nothing to tune."""
+    from pipeline.data import first_batch
+
+    assert loop.Held(*few.held("train"), 48, shuffle_seed=7).shuffles.options().autotune.enabled is False
+    x, y = first_batch(few.examples("test"), 5)
+    assert np.array_equal(x, few.x_test[:5]) and np.array_equal(y, few.y_test[:5])
+
+
 def test_augmented_data_streams_and_equals_model_fit(few, start):
     """Augmented (or file) training data goes through tf.data in the compiled loop too, with model.fit's results
     (its validation split, never augmented, stays held)."""

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.data import first_batch
+
 AGGREGATES = {"mean": np.mean, "sum": np.sum, "max": np.max}
 
 
@@ -69,7 +71,7 @@ class Taylor(Importance):
 
         if data is None:
             raise ValueError("importance=taylor needs the job's training data: call method.bind(data) first")
-        x, y = next(iter(data.examples("train").batch(self.batch)))
+        x, y = first_batch(data.examples("train"), self.batch)
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, model(x, training=False)))
         variables = model.trainable_variables

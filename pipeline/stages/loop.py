@@ -26,6 +26,7 @@ import json
 import keras
 import numpy as np
 
+from pipeline.data import untuned
 from pipeline.pruning.masks import MaskConstraint, assign_all, hold
 
 CACHE_SIZE = 8  # engines (and evaluate.py's evaluators) kept per process, each holding a copy of its model
@@ -232,8 +233,9 @@ class Held:
         n = len(x)
         # One iterator over the shuffles repeated gives the orders that a new iterator per epoch gives, at a
         # fifth of the cost (a tf.data iterator takes milliseconds to make)
-        self.orders = None if shuffle_seed is None else iter(
+        self.shuffles = None if shuffle_seed is None else untuned(
             tf.data.Dataset.range(n).shuffle(n, seed=shuffle_seed, reshuffle_each_iteration=True).batch(n).repeat())
+        self.orders = None if self.shuffles is None else iter(self.shuffles)
 
     def epoch(self) -> None:
         self.order = next(self.orders)
