@@ -69,7 +69,7 @@ run: $(STAMP)  ## one job on the defaults (digits, seed_cnn, magnitude 0.5); add
 	$(PY) -m pipeline.run $(ARGS)
 
 sweep: $(STAMP)  ## the four methods over the default sparsity grid, jobs in parallel on the cores, then the report
-	$(PY) -m pipeline.run -m hydra/launcher=joblib method=magnitude,filter,slim,hybrid $(ARGS)
+	$(PY) -m pipeline.run -m hydra/launcher=workers method=magnitude,filter,slim,hybrid $(ARGS)
 
 # Two pytest workers, each taking whole test files (a module's shared fixtures run once): much of a test's
 # time is one thread (process starts, TF tracing, polling a server), so two overlap even on two cores.

@@ -279,9 +279,9 @@ def bench_speed(work: Path) -> dict:
     store = work / "speed"
     store.mkdir()
     uri = f"sqlite:///{store / 'mlflow.db'}"
-    cmd = pipeline_cmd("hydra/launcher=joblib", f"method={','.join(METHODS)}", f"tracking.uri={uri}",
+    cmd = pipeline_cmd("hydra/launcher=workers", f"method={','.join(METHODS)}", f"tracking.uri={uri}",
                        f"hydra.sweep.dir={store / 'sweep'}", multirun=True)
-    print("[speed] the default sweep on the joblib launcher ...", flush=True)
+    print("[speed] the default sweep on the workers launcher ...", flush=True)
     load_before = _load()
     wall = run(cmd, work / "speed-sweep.log")
     from mlflow.tracking import MlflowClient
@@ -343,7 +343,7 @@ def speed_markdown(speed: dict) -> str:
               f"| {masked['gradual'] / tfmot['gradual']:.2f}x | <= 0.5x: {verdict(worst_tfmot <= 0.5)} |",
               f"| ours masked / plain Keras fit of the dense model | {masked['one_shot'] / keras_fit:.2f}x "
               f"| {masked['gradual'] / keras_fit:.2f}x | <= 0.5x: {verdict(worst_keras <= 0.5)} |", "",
-              f"Sweep: the default `make sweep` ({speed['jobs']} jobs, joblib launcher, {speed['cores']} cores, TF "
+              f"Sweep: the default `make sweep` ({speed['jobs']} jobs, workers launcher, {speed['cores']} cores, TF "
               "threads divided among the workers), into a fresh store:", "", f"    {speed['cmd']}", "",
               "Training time = the `model.fit`-equivalent time inside that very sweep, read from its runs: the "
               "baseline run's per-epoch `train/seconds` plus every job's `time/finetune_seconds` (the per-epoch "

@@ -1,4 +1,5 @@
-"""hydra/launcher=joblib's workers, started with the sweep rather than when Hydra launches its jobs.
+"""hydra/launcher=workers's (and Hydra's joblib launcher's) workers, started with the sweep rather than when the
+launcher launches its jobs.
 
 Hydra's joblib launcher runs the jobs through joblib's Parallel, which reuses loky's process-wide executor
 when it is asked for one with the same options. The sweep's callback makes that executor first, from the

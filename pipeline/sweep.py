@@ -258,9 +258,7 @@ class SweepCallback(Callback):
         os.environ.update(self.env)
 
     def _start(self, config: DictConfig) -> None:
-        from hydra import compose
-
-        from pipeline import joblib_workers
+        from pipeline import joblib_workers, launch
 
         # The basic sweeper's jobs are known: each is checked here, before any trains. Another sweeper picks
         # its jobs as results come in: what they all share is checked here, each job as it starts.
@@ -268,8 +266,7 @@ class SweepCallback(Callback):
         jobs = job_overrides(config) if basic else [shared_overrides(config)]
         pool = workers or (joblib_workers.JoblibWorkers(config, len(jobs) if basic else None)
                            if joblib_workers.is_joblib(config) else Workers())
-        name = config.hydra.job.config_name
-        configs = [compose(config_name=name, overrides=overrides) for overrides in jobs]
+        configs = [launch.compose(config, overrides) for overrides in jobs]  # once: the launcher sends these
         parts = [validate(cfg) for cfg in configs]  # every job's config is checked before any trains
         if not basic:
             self._check_optimiser(config, parts[0]["tracking"])
@@ -299,7 +296,7 @@ class SweepCallback(Callback):
         if not uri:
             return
         if basic:  # all is checked: a worker may write to the store (the store's creation is locked)
-            pool.prepare(configs[0])
+            pool.prepare(OmegaConf.masked_copy(configs[0], [k for k in configs[0] if k != "hydra"]))  # the job's own
         if pool.elsewhere:
             stand_back()
         client = tracking.client(uri)  # the database and experiment exist before any job starts

@@ -61,7 +61,7 @@ def test_bad_values_name_the_key(override, needle):
     (["-m", "method=magnitude,filter", "sparsity.target=0.5,1.2"], "sparsity.target=1.2"),
     (["model.padding=valid"], "does not fit images of shape (8, 8, 1)"),
     (["-m", "model.padding=same,valid"], "does not fit images of shape (8, 8, 1)"),
-    (["-m", "hydra/launcher=joblib", "model.padding=same,valid"], "does not fit images of shape (8, 8, 1)"),
+    (["-m", "hydra/launcher=workers", "model.padding=same,valid"], "does not fit images of shape (8, 8, 1)"),
     (["-m", "method=magnitude,nope"], "method/nope"),
     (["tracking.uri=file:./mlruns"], "file store is not supported"),
     (["tracking.uri=http://127.0.0.1:9"], "cannot reach the tracking server"),

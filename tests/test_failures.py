@@ -186,7 +186,7 @@ def test_a_server_that_goes_away_fails_the_job_and_the_rerun_closes_it(tmp_path)
 
 def test_ctrl_c_ends_a_joblib_sweep_with_one_line_and_killed_runs(tmp_path):
     cmd = [PY, "-m", "pipeline.run", "-m", *SMOKE, "training.baseline.epochs=400", "sparsity.target=0.3,0.5",
-           "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+           "hydra/launcher=workers", "hydra.launcher.n_jobs=2", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
            f"hydra.sweep.dir={tmp_path}/multirun"]
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     env.pop("MLFLOW_TRACKING_URI", None)

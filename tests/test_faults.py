@@ -177,7 +177,7 @@ def test_nan_in_one_job_of_a_sweep(tmp_path):
 def test_two_parallel_sweeps_on_one_fresh_store(tmp_path):
     store = tmp_path / "store"
     procs = [start_pipeline(["-m", *SMOKE, f"method={method}", "sparsity.target=0.3,0.5",
-                             "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                             "hydra/launcher=workers", "hydra.launcher.n_jobs=2",
                              f"hydra.sweep.dir={tmp_path}/multirun-{method}",
                              f"hydra.run.dir={tmp_path}/outputs-{method}"], store)
              for method in ("magnitude", "random")]

@@ -12,7 +12,7 @@ def test_every_method_and_schedule_runs_end_to_end(tmp_path, client_for):
     # seed_cnn's runs are in test_sweep.py and test_e2e.py.
     proc = run_pipeline(["-m", f"method={','.join(METHODS)}", f"sparsity={','.join(SCHEDULES)}",
                          "sparsity.target=0.5", "model=vgg_bn", "model.widths=[8,8]", "model.hidden=16",
-                         "data.limit=200", "training=smoke", "training.baseline.epochs=1", "hydra/launcher=joblib",
+                         "data.limit=200", "training=smoke", "training.baseline.epochs=1", "hydra/launcher=workers",
                          "hydra.launcher.n_jobs=2"], tmp_path,
                         env=no_tensorflow_here(tmp_path))  # the workers check the models fit, not the sweep
     client = client_for(tmp_path)

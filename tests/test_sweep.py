@@ -123,3 +123,23 @@ def test_the_mlflow_view_needs_no_clicking(sweep):
     assert (dataset.name, dataset.digest) == ("digits", job.data.tags["data_digest"])
     assert "load_digits" in dataset.source
     assert json.loads(dataset.profile)["test"] == 360
+
+
+def test_a_launcher_runs_each_job_from_the_config_the_sweep_composed():
+    """hydra/launcher=workers and ray send each job the config the sweep's callback composed and validated (a
+    worker would compose it again: about 0.1 s); a job the sweep did not compose (another sweeper's) is composed
+    by its worker."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from pipeline import launch
+
+    with initialize_config_dir(CONF, version_base="1.3"):
+        master = compose("config", return_hydra_config=True)
+        composed = launch.compose(master, ["method=filter", "sparsity.target=0.3"])
+    task = launch.job(["method=filter", "sparsity.target=0.3"], 5, "workers_5")
+    assert task["config"] is composed
+    assert (composed.method.name, composed.sparsity.target, composed.hydra.job.num) == ("filter", 0.3, 5)
+    assert launch.job(["method=filter", "sparsity.target=0.3"], 6, "workers_6")["config"] is None  # taken once
+    assert launch.job(["method=slim"], 7, "workers_7") == {"config": None, "overrides": ["method=slim"], "idx": 7,
+                                                           "job_id": "workers_7"}

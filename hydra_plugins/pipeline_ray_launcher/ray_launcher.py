@@ -24,13 +24,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_globals
 from hydra.experimental.callback import Callback
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
+from pipeline import launch
 from pipeline.config import ConfigError, exit_config_error
 from pipeline.sweep import Workers
 
@@ -70,20 +70,13 @@ class Worker:
             os.chdir(cwd)
         prepare_baseline(cfg)
 
-    def run(self, hydra_context: HydraContext, config: DictConfig, task_function: TaskFunction, singleton: dict,
-            cwd: str) -> JobReturn:
-        """One job: Hydra's state as the sweep had it, then Hydra's own run_job (whose callbacks give the job the
-        sweep's environment). It runs in the sweep's folder when this worker can see it (same machine or shared
-        filesystem)."""
-        from hydra.core.hydra_config import HydraConfig
-
+    def run(self, task: dict, state: tuple, hydra_context: HydraContext, master: DictConfig,
+            task_function: TaskFunction, cwd: str) -> JobReturn:
+        """One job (pipeline.launch.run), in the sweep's folder when this worker can see it (same machine or
+        shared filesystem)."""
         if os.path.isdir(cwd):
             os.chdir(cwd)
-        setup_globals()
-        Singleton.set_state(singleton)
-        HydraConfig.instance().set_config(config)
-        return run_job(hydra_context=hydra_context, task_function=task_function, config=config,
-                       job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        return launch.run(task, state, hydra_context, master, task_function)
 
 
 class RayLauncher(Launcher):
@@ -155,17 +148,13 @@ class RayLauncher(Launcher):
 
         log.info("Ray launcher: %d jobs on %d workers on %s (connected in %.1fs)", len(job_overrides), len(self.pool),
                  ray.get_runtime_context().gcs_address, self.connect_s)
-        jobs = []
+        jobs = []  # as the sweep composed them, else composed by the worker (pipeline.launch)
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
-            config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            with open_dict(config):
-                config.hydra.job.id = f"ray_{idx}"
-                config.hydra.job.num = idx
-            jobs.append(config)
-        state, cwd = Singleton.get_state(), os.getcwd()
-        run = lambda actor, config: actor.run.remote(self.hydra_context, config, self.task_function,  # noqa: E731
-                                                     state, cwd)
+            jobs.append(launch.job(overrides, idx, f"ray_{idx}"))
+        state, cwd = launch.new_launch(), os.getcwd()
+        run = lambda actor, task: actor.run.remote(task, state, self.hydra_context, self.config,  # noqa: E731
+                                                   self.task_function, cwd)
         try:
             ready = [actor.info.remote() for actor in self.pool]  # each answers before its first job starts
             # unordered: a worker takes the next job as soon as its own ends (in order, it would wait for the

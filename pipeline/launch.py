@@ -1,0 +1,68 @@
+"""What our launchers share (hydra/launcher=workers and ray, in hydra_plugins/): each job's config is composed
+once, by the sweep's callback that validates it (compose), and sent to the worker that runs it (run).
+
+Hydra's own joblib launcher composes every job again in its worker and restores Hydra's state there before
+each job, which rescans Hydra's plugins: about 0.15 s of a worker's time per job, as long as some jobs'
+training. Here a worker restores the state once per launch.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from omegaconf import DictConfig, open_dict
+
+_composed: dict[tuple[str, ...], DictConfig] = {}  # by the sweep's callback, until a launcher takes them
+_restored: str | None = None  # in a worker: the launch whose Hydra state this process holds
+
+
+def compose(config: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """A job's config as Hydra's launchers compose it (the sweep's config with the job's overrides), kept for
+    the launcher."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    cfg = GlobalHydra.instance().hydra.config_loader.load_sweep_config(config, list(overrides))
+    _composed[tuple(overrides)] = cfg
+    return cfg
+
+
+def job(overrides: Sequence[str], idx: int, job_id: str) -> dict[str, Any]:
+    """What a worker needs to run job `idx`: its config as the sweep composed it, numbered as Hydra numbers
+    jobs, or else (another sweeper's job, known only now) its overrides, to be composed in the worker."""
+    cfg = _composed.pop(tuple(overrides), None)
+    if cfg is not None:
+        with open_dict(cfg):
+            cfg.hydra.job.id, cfg.hydra.job.num = job_id, idx
+    return {"config": cfg, "overrides": list(overrides), "idx": idx, "job_id": job_id}
+
+
+def new_launch() -> tuple[str, Any]:
+    """A launch's id and Hydra's state as the sweep holds it, for its workers."""
+    from hydra.core.singleton import Singleton
+
+    return uuid.uuid4().hex, Singleton.get_state()
+
+
+def run(task: dict[str, Any], launch: tuple[str, Any], hydra_context, master: DictConfig, task_function):
+    """One job in this worker process: Hydra's state as the sweep had it (restored once per launch), the job's
+    config, then Hydra's own run_job (whose callbacks give the job the sweep's environment)."""
+    global _restored
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import run_job, setup_globals
+
+    setup_globals()
+    launch_id, state = launch
+    if _restored != launch_id:
+        Singleton.set_state(state)
+        _restored = launch_id
+    config = task["config"]
+    if config is None:
+        config = hydra_context.config_loader.load_sweep_config(master, task["overrides"])
+        with open_dict(config):
+            config.hydra.job.id, config.hydra.job.num = task["job_id"], task["idx"]
+    HydraConfig.instance().set_config(config)
+    return run_job(hydra_context=hydra_context, task_function=task_function, config=config,
+                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
