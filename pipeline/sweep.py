@@ -296,7 +296,8 @@ class SweepCallback(Callback):
         if not uri:
             return
         if basic:  # all is checked: a worker may write to the store (the store's creation is locked)
-            pool.prepare(OmegaConf.masked_copy(configs[0], [k for k in configs[0] if k != "hydra"]))  # the job's own
+            # the job's own settings: Hydra's (its ${now:} among them) resolve only in a Hydra job
+            pool.prepare(OmegaConf.masked_copy(configs[0], [k for k in configs[0] if k != "hydra"]))
         if pool.elsewhere:
             stand_back()
         client = tracking.client(uri)  # the database and experiment exist before any job starts
