@@ -47,7 +47,8 @@ def search(tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
     tmp = tmp_path_factory.mktemp("optuna")
-    proc = run_pipeline(SEARCH, tmp)
+    # on the workers launcher: each trial, known only as it starts, is composed in its worker
+    proc = run_pipeline([*SEARCH, "hydra/launcher=workers"], tmp)
     return tmp, MlflowClient(f"sqlite:///{tmp}/mlflow.db"), proc
 
 
