@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, open_dict
@@ -28,14 +29,40 @@ def compose(config: DictConfig, overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
+def begin(config: DictConfig) -> Path:
+    """What Hydra's launchers do first: Hydra's globals and logging, and the sweep's folder (returned)."""
+    from hydra.core.utils import configure_log, setup_globals
+
+    setup_globals()
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    folder = Path(str(config.hydra.sweep.dir))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def jobs(job_overrides: Sequence[Sequence[str]], initial_job_idx: int, prefix: str, log) -> list[dict[str, Any]]:
+    """What a worker needs to run each job (job ids prefix_idx), each job's line logged as Hydra's launchers do."""
+    from hydra.core.utils import filter_overrides
+
+    tasks = []
+    for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+        log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+        tasks.append(job(overrides, idx, f"{prefix}_{idx}"))
+    return tasks
+
+
 def job(overrides: Sequence[str], idx: int, job_id: str) -> dict[str, Any]:
     """What a worker needs to run job `idx`: its config as the sweep composed it, numbered as Hydra numbers
     jobs, or else (another sweeper's job, known only now) its overrides, to be composed in the worker."""
     cfg = _composed.pop(tuple(overrides), None)
-    if cfg is not None:
-        with open_dict(cfg):
-            cfg.hydra.job.id, cfg.hydra.job.num = job_id, idx
-    return {"config": cfg, "overrides": list(overrides), "idx": idx, "job_id": job_id}
+    return {"config": None if cfg is None else _numbered(cfg, job_id, idx), "overrides": list(overrides),
+            "idx": idx, "job_id": job_id}
+
+
+def _numbered(cfg: DictConfig, job_id: str, idx: int) -> DictConfig:
+    with open_dict(cfg):
+        cfg.hydra.job.id, cfg.hydra.job.num = job_id, idx
+    return cfg
 
 
 def new_launch() -> tuple[str, Any]:
@@ -59,10 +86,9 @@ def run(task: dict[str, Any], launch: tuple[str, Any], hydra_context, master: Di
         Singleton.set_state(state)
         _restored = launch_id
     config = task["config"]
-    if config is None:
-        config = hydra_context.config_loader.load_sweep_config(master, task["overrides"])
-        with open_dict(config):
-            config.hydra.job.id, config.hydra.job.num = task["job_id"], task["idx"]
+    if config is None:  # another sweeper's job: composed here
+        config = _numbered(hydra_context.config_loader.load_sweep_config(master, task["overrides"]),
+                           task["job_id"], task["idx"])
     HydraConfig.instance().set_config(config)
     return run_job(hydra_context=hydra_context, task_function=task_function, config=config,
                    job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")

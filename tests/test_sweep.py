@@ -129,9 +129,9 @@ def test_a_launcher_runs_each_job_from_the_config_the_sweep_composed():
     """hydra/launcher=workers and ray send each job the config the sweep's callback composed and validated (a
     worker would compose it again: about 0.1 s); a job the sweep did not compose (another sweeper's) is composed
     by its worker."""
+    from conftest import CONF
     from hydra import compose, initialize_config_dir
 
-    from conftest import CONF
     from pipeline import launch
 
     with initialize_config_dir(CONF, version_base="1.3"):

@@ -21,10 +21,9 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_globals
+from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
@@ -136,9 +135,7 @@ class RayLauncher(Launcher):
         return {"pool": pool, "connect_s": time.time() - started}
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        setup_globals()
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        launch.begin(self.config)
         if not self.pool:
             started = _started.copy() or self.start(len(job_overrides))
             _started.clear()
@@ -148,10 +145,7 @@ class RayLauncher(Launcher):
 
         log.info("Ray launcher: %d jobs on %d workers on %s (connected in %.1fs)", len(job_overrides), len(self.pool),
                  ray.get_runtime_context().gcs_address, self.connect_s)
-        jobs = []  # as the sweep composed them, else composed by the worker (pipeline.launch)
-        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
-            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
-            jobs.append(launch.job(overrides, idx, f"ray_{idx}"))
+        jobs = launch.jobs(job_overrides, initial_job_idx, "ray", log)
         state, cwd = launch.new_launch(), os.getcwd()
         run = lambda actor, task: actor.run.remote(task, state, self.hydra_context, self.config,  # noqa: E731
                                                    self.task_function, cwd)
