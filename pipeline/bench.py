@@ -192,8 +192,7 @@ def training_seconds(grid: list[float]) -> dict:
                     trained[key] = model.get_weights()
                 else:
                     model.set_weights(trained[key])
-                dense = keras.models.clone_model(model)
-                dense.set_weights(model.get_weights())
+                dense = model.get_weights()
                 masked = prune(model, method, schedule.initial, cfg.seed)
                 start = time.perf_counter()
                 finetune(masked, data, training.finetune, method, schedule, cfg.seed)
@@ -201,7 +200,7 @@ def training_seconds(grid: list[float]) -> dict:
                 masked.detach()
                 start = time.perf_counter()
                 small, kept = shrink(model)
-                evaluate(model, data, dense_model=dense, small_model=small if kept else None)
+                evaluate(model, data, dense_weights=dense, small_model=small if kept else None)
                 out["evaluate_s"] += time.perf_counter() - start
                 print(f"[overhead] {method_name}-{target:.2f} timed", flush=True)
     out["fit_s"] = out["baseline_fit_s"] + out["finetune_fit_s"]

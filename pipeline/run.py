@@ -32,7 +32,6 @@ log = logging.getLogger("pipeline")
 
 
 def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
-    import keras
     import pandas as pd
 
     from pipeline import baseline
@@ -77,8 +76,7 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
         run.tag("baseline_trained_here", str(trained).lower())
         # From here on, the same random numbers whether the baseline was trained here or loaded.
         baseline.seed_everything(cfg.seed, training.deterministic)
-        dense = keras.models.clone_model(model)
-        dense.set_weights(model.get_weights())
+        dense_weights = model.get_weights()
         run.metrics(test_metrics(model, data), prefix="baseline/")
 
         method.bind(data)  # for criteria that score on a training batch (channel, importance=taylor)
@@ -90,11 +88,8 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
         run.history("finetune", history)
         masked.detach()
         small, kept = shrink(model)
-        metrics = evaluate(model, data, dense_model=dense, small_model=small if kept else None,
+        metrics = evaluate(model, data, dense_weights=dense_weights, small_model=small if kept else None,
                            latency=parts["eval"].latency)
-        run.metrics(metrics, prefix="eval/")
-        run.metrics(accounting.layer_sparsity(model))
-
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             save_masks(masked.masks, tmp / "masks.npz")
@@ -108,6 +103,8 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
                 small.save(tmp / "shrunk.keras")
                 run.artifact(tmp / "shrunk.keras", "model")
                 run.text("\n".join(f"{k}: {v}" for k, v in kept.items()), "channels_kept.txt")
+        run.metrics(metrics, prefix="eval/")  # after the Logged model: its metrics too (tracking.Run.keras_model)
+        run.metrics(accounting.layer_sparsity(model))
         run.metrics({"time/job_seconds": time.perf_counter() - started,
                      "time/finetune_seconds": sum(history["seconds"])})
         log.info("%s: baseline %.4f -> pruned %.4f -> fine-tuned %.4f at sparsity %.3f (run %s)", name,

@@ -249,13 +249,15 @@ def log_params(mlflow_client, run_id: str, params: dict[str, Any]) -> None:
         mlflow_client.log_batch(run_id, params=items[i: i + 100])
 
 
-def log_metrics(mlflow_client, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+def log_metrics(mlflow_client, run_id: str, metrics: dict[str, float], step: int = 0,
+                model_id: str | None = None) -> None:
+    """The metrics at `step`; with `model_id`, the Logged model's too."""
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    items = [Metric(k, float(v), now, step, model_id=model_id) for k, v in metrics.items()]
     for i in range(0, len(items), 500):
         mlflow_client.log_batch(run_id, metrics=items[i: i + 500])
 
@@ -279,7 +281,7 @@ class Run:
 
     def __init__(self, mlflow_client, exp_id: str | None, name: str, tags: dict[str, str]):
         self.client, self.name, self.logged, self.checksums = mlflow_client, name, {}, {}
-        self.id, self.exp_id = None, exp_id
+        self.id, self.exp_id, self.model_id = None, exp_id, None
         if mlflow_client is None:
             return
         tags = {**context_tags(), **tags, "pid": str(os.getpid()), "host": socket.gethostname()}
@@ -323,7 +325,7 @@ class Run:
         named = {f"{prefix}{k}": float(v) for k, v in metrics.items()}
         self.logged.update(named)
         if self.client:
-            log_metrics(self.client, self.id, named, step)
+            log_metrics(self.client, self.id, named, step, self.model_id)
 
     def history(self, prefix: str, history: dict[str, list[float]]) -> None:
         if self.client:
@@ -362,7 +364,8 @@ class Run:
 
     def keras_model(self, model, example) -> None:
         """The model as an MLflow Logged model (Keras flavour, input signature inferred from `example`):
-        it can be registered and served from the UI."""
+        it can be registered and served from the UI. The metrics logged after it are the Logged model's too:
+        MLflow links those logged before by reading each one's history (a tenth of a second for a job's)."""
         if not self.client:
             return
         import keras
@@ -375,8 +378,9 @@ class Run:
         mlflow.set_experiment(experiment_id=self.exp_id)  # where the fluent API creates it (store: tracking.client)
         signature = infer_signature(example, np.asarray(model(example, training=False)))
         # not named "model": MLflow 3 would then read the run's artifacts under model/ from the Logged model
-        mlflow.tensorflow.log_model(model, name=LOGGED_MODEL, signature=signature, run_id=self.id,
-                                    pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
+        self.model_id = mlflow.tensorflow.log_model(
+            model, name=LOGGED_MODEL, signature=signature, run_id=self.id,
+            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]).model_id
 
 
 def device_tags() -> dict[str, str]:

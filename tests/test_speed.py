@@ -54,9 +54,10 @@ def assert_same(a, b):
 
 
 def traces(compiled) -> dict[str, int]:
-    """How often each compiled loop of an Engine (or an Evaluator: its test loops) was traced."""
+    """How often each compiled loop of an Engine (or an Evaluator: its scores) was traced."""
     return {name: getattr(compiled, name).experimental_get_tracing_count()
-            for name in ("train_held", "train_stream", "validate_held", "validate_stream") if hasattr(compiled, name)}
+            for name in ("train_held", "train_stream", "validate_held", "validate_stream", "scores")
+            if hasattr(compiled, name)}
 
 
 def test_held_batches_are_the_tf_data_pipelines(few):
@@ -156,8 +157,9 @@ def test_a_second_job_reuses_the_compiled_loop_and_starts_afresh(few, start):
 
 def test_jobs_share_the_compiled_loops_whatever_their_models_were_compiled_with(few, start):
     """A model compiled before (a loaded baseline, a model.evaluate) carries an optimizer named anew in each
-    job (rm_sprop_1, rm_sprop_2, ...): neither the training engine nor the test evaluator may depend on it,
-    and the evaluator gives what model.evaluate gives."""
+    job (rm_sprop_1, rm_sprop_2, ...): neither the training engine nor the test evaluator may depend on it
+    (each traced once, whatever the batch sizes), and the evaluator gives what model.evaluate gives, as does
+    one made for a single model (a shrunk model's)."""
     from pipeline.stages import evaluate
 
     traced = []
@@ -167,11 +169,12 @@ def test_jobs_share_the_compiled_loops_whatever_their_models_were_compiled_with(
         model.compile(optimizer=keras.optimizers.RMSprop(), loss="sparse_categorical_crossentropy",
                       metrics=["accuracy"])
         finetune(prune(model, Magnitude(), target, seed=0), few, PHASE, Magnitude(), OneShot(target), seed=0)
-        accuracy = evaluate.test_metrics(model, few)["accuracy"]
-        assert accuracy == model.evaluate(few.batches("test", 256), verbose=0)[1]
+        loss, accuracy = model.evaluate(few.batches("test", 256), verbose=0)
+        assert evaluate.test_metrics(model, few) == evaluate.test_metrics(model, few, once=True) == {
+            "accuracy": accuracy, "loss": loss}
         traced.append(({k: traces(e) for k, e in loop._engines.items()},
                        {k: traces(e) for k, e in evaluate._evaluators.items()}))
-    assert traced[0] == traced[1]
+    assert traced[0] == traced[1] and traced[0][1] and all(t == {"scores": 1} for t in traced[0][1].values())
 
 
 def test_baseline_fit_equals_model_fit(few):
@@ -206,6 +209,19 @@ def test_pruned_weights_are_zero_after_every_step_of_the_compiled_loop(few):
     value = eng.twin.variables[i].numpy()
     eng.twin.variables[i].assign(np.where(masked.masks["bn1/gamma"], value, 1.0))  # the counter does count
     assert int(eng.pruned_nonzero()) == 2
+
+
+def test_keras_loads_without_the_extras_the_pipeline_never_uses():
+    """Keras imports scikit-learn and matplotlib when installed (a second of each process's start): hidden while
+    it loads (pipeline/__init__.py), both still import afterwards."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline, keras; print(sorted(m for m in ('sklearn', 'matplotlib', 'scipy.stats') "
+            "if m in sys.modules)); import sklearn.datasets, matplotlib.pyplot; print('imported later')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:2] == ["[]", "imported later"]
 
 
 def test_eval_latency_setting():

@@ -184,8 +184,6 @@ def run_ours(b: dict, source, out: str) -> dict:
                                  "accuracy": acc, "train_s": time.perf_counter() - started})
                     print(f"[real] {name} seed {seed} baseline (penalty {key}): {acc:.4f}", flush=True)
                 weights, base_acc = baselines[key]
-                dense = spec.build(data.input_shape, data.num_classes)
-                dense.set_weights(weights)
                 schedules = b["schedules"] if method.name == "magnitude" else ["one_shot"]
                 for schedule_name in schedules:
                     for target in b["targets"]:
@@ -195,7 +193,7 @@ def run_ours(b: dict, source, out: str) -> dict:
                         try:
                             schedule = build("sparsity", OmegaConf.merge(sparsity[schedule_name],
                                                                           {"target": target}))
-                            row |= job(spec, data, weights, method, schedule, ft_phase, seed, dense)
+                            row |= job(spec, data, weights, method, schedule, ft_phase, seed)
                         except Exception as e:  # reported in the table; the other jobs go on
                             row["error"] = f"{type(e).__name__}: {' '.join(str(e).split())}"
                         row["seconds"] = time.perf_counter() - started
@@ -209,7 +207,7 @@ def run_ours(b: dict, source, out: str) -> dict:
     return {"meta": meta, "rows": rows}
 
 
-def job(spec, data, weights, method, schedule, phase, seed, dense) -> dict:
+def job(spec, data, weights, method, schedule, phase, seed) -> dict:
     """One pipeline job from a trained baseline: prune -> fine-tune -> shrink -> evaluate (as run.run_job)."""
     seed_everything(seed, True)
     model = spec.build(data.input_shape, data.num_classes)
@@ -219,7 +217,7 @@ def job(spec, data, weights, method, schedule, phase, seed, dense) -> dict:
     masked.detach()
     small, kept = shrink(model)
     # latency (paired with the dense model) only where surgery makes the model smaller
-    metrics = evaluate(model, data, dense_model=dense if kept else None, small_model=small if kept else None)
+    metrics = evaluate(model, data, dense_weights=weights if kept else None, small_model=small if kept else None)
     keys = ("accuracy", "sparsity", "conv_sparsity", "model_sparsity", "flops_dense", "flops_effective",
             "flops_shrunk", "latency_ms_dense", "latency_ms_pruned", "latency_ms_dense_b256",
             "latency_ms_pruned_b256")

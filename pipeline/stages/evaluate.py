@@ -13,33 +13,74 @@ import numpy as np
 
 from pipeline.pruning import accounting
 from pipeline.pruning.masks import assign_all
-from pipeline.stages.loop import Held, Stream, cached, in_order, structure, test_loops
+from pipeline.stages.loop import cached, structure
 
 
 class Evaluator:
-    """A compiled twin of one model structure: the test loss and accuracy of any model of that structure,
-    its weights copied in (what model.evaluate computes, without tracing a test function per model)."""
+    """Test loss and accuracy of a model (what model.evaluate computes, Keras's loss from the softmax's logits):
+    one compiled pass per batch over `twin`, traced once. Kept per model structure with a twin that each
+    model's weights are copied into (the jobs of a sweep share one), or made on the model itself for one
+    evaluated once (a shrunk model): tracing Keras's test step and metrics took six times as long."""
 
-    def __init__(self, model):
-        self.twin = keras.models.clone_model(model)
-        self.twin.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        self.validate_stream, self.validate_held = test_loops(self.twin)  # what a feed's validate() calls
+    def __init__(self, twin):
+        import tensorflow as tf
 
-    def __call__(self, model, feed: Held | Stream) -> dict[str, float]:
-        assign_all(self.twin.variables, model.variables)
-        self.twin.reset_metrics()
-        return {k: float(v) for k, v in feed.validate(self).items()}
+        loss = keras.losses.SparseCategoricalCrossentropy()
+        self.twin, self._forward = twin, None
+
+        @tf.function(input_signature=[tf.TensorSpec([None, *twin.input_shape[1:]], "float32"),
+                                      tf.TensorSpec([None], "int32")])
+        def scores(x, y):
+            probs = twin(x, training=False)
+            hits = tf.equal(tf.argmax(probs, -1, output_type="int32"), y)
+            return loss(y, probs), tf.reduce_sum(tf.cast(hits, "float32"))
+
+        self.scores = scores
+
+    def __call__(self, model, data, split: str = "test") -> dict[str, float]:
+        """As Keras's metrics sum them: each batch's mean loss weighted by its size, in float32."""
+        if model is not self.twin:
+            assign_all(self.twin.variables, model.variables)
+        total = hits = count = np.float32(0)
+        for x, y in batches(data, split, 256):
+            n = np.float32(len(y))
+            loss, right = self.scores(np.asarray(x, "float32"), np.asarray(y, "int32"))
+            total, hits, count = total + np.float32(loss) * n, hits + np.float32(right), count + n
+        return {"accuracy": float(hits / count), "loss": float(total / count)}
+
+    def forward(self, weights, image_shape: tuple[int, ...]):
+        """The twin's compiled forward pass holding `weights` (latency; traced once)."""
+        assign_all(self.twin.variables, weights)
+        if self._forward is None:
+            self._forward = compiled_forward(self.twin, image_shape)
+        return self._forward
 
 
 _evaluators: collections.OrderedDict = collections.OrderedDict()
 
 
-def test_metrics(model, data, split: str = "test") -> dict[str, float]:
-    """Accuracy and loss on the test split (or `split`), by an Evaluator kept per model structure (the jobs
-    of a sweep share one)."""
+def evaluator(model) -> Evaluator:
+    """The process's Evaluator for this model structure, with a twin of its own."""
     key = json.dumps([structure(model), keras.mixed_precision.global_policy().name])
-    out = cached(_evaluators, key, lambda: Evaluator(model))(model, in_order(data, split, 256))
-    return {"accuracy": out["accuracy"], "loss": out["loss"]}
+    return cached(_evaluators, key, lambda: Evaluator(keras.models.clone_model(model)))
+
+
+def test_metrics(model, data, split: str = "test", once: bool = False) -> dict[str, float]:
+    """Accuracy and loss on the test split (or `split`), by the Evaluator of the model's structure, or with
+    `once` (a structure evaluated once) by one made on the model."""
+    return (Evaluator(model) if once else evaluator(model))(model, data, split)
+
+
+def batches(data, split: str, size: int):
+    """A split's (images, labels) in order, in batches of `size`: sliced where held in memory, else its tf.data
+    batches."""
+    held = data.held(split)
+    if held is None:
+        yield from data.batches(split, size).as_numpy_iterator()
+        return
+    x, y = held
+    for i in range(0, len(y), size):
+        yield x[i:i + size], y[i:i + size]
 
 
 def gzip_size(model) -> int:
@@ -97,18 +138,19 @@ def measures_latency(setting: str, structured: bool) -> bool:
     return setting == "always" or (setting == "auto" and structured)
 
 
-def evaluate(model, data, dense_model=None, small_model=None, latency: str = "auto") -> dict[str, float]:
+def evaluate(model, data, dense_weights=None, small_model=None, latency: str = "auto") -> dict[str, float]:
     """The eval/ metrics: `model` is the masked model; `small_model` its shrunk form, if any.
     `accuracy` and `loss` are the final model's (the shrunk one where it exists), `masked_accuracy`
-    the masked model's, so that each logged model's accuracy can be checked. Latency of `dense_model`
-    against the final model as eval.latency says (see measures_latency)."""
+    the masked model's, so that each logged model's accuracy can be checked. Latency of the dense model
+    (`dense_weights` in a model of `model`'s structure) against the final model as eval.latency says (see
+    measures_latency)."""
     final = small_model if small_model is not None else model
-    out = test_metrics(final, data)
+    out = test_metrics(final, data, once=small_model is not None)
     out["masked_accuracy"] = test_metrics(model, data)["accuracy"] if small_model is not None else out["accuracy"]
     out.update(weight_metrics(model, small_model))
-    if dense_model is not None and measures_latency(latency, small_model is not None):
+    if dense_weights is not None and measures_latency(latency, small_model is not None):
         x = data.sample(max(LATENCY_REPEATS)).astype("float32")
-        forwards = [compiled_forward(m, x.shape[1:]) for m in (dense_model, final)]
+        forwards = [evaluator(model).forward(dense_weights, x.shape[1:]), compiled_forward(final, x.shape[1:])]
         for batch, repeats in LATENCY_REPEATS.items():
             suffix = "" if batch == 1 else f"_b{batch}"
             dense_ms, pruned_ms = paired_latency_ms(forwards, x[:batch], repeats)
