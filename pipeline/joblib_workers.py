@@ -16,6 +16,7 @@ import gc
 import importlib
 import logging
 import os
+import sys
 import threading
 
 from omegaconf import DictConfig, OmegaConf
@@ -24,7 +25,7 @@ from pipeline.sweep import Workers, first_problem
 
 log = logging.getLogger("pipeline")
 _tasks: list[threading.Thread] = []  # the background calls of this process's workers (warm-up, baseline)
-PRELOAD = ("tensorflow", "pipeline.run", "mlflow.keras")  # what every job imports
+PRELOAD = ("tensorflow", "pipeline.run", "mlflow.keras", "mlflow.store.tracking.sqlalchemy_store")  # every job's
 
 
 def is_joblib(config: DictConfig) -> bool:
@@ -53,11 +54,27 @@ def _parallel(config: DictConfig):
     return Parallel(**options)
 
 
-def _warm() -> None:
+def _warm(first: bool) -> None:
+    """Import PRELOAD: the first worker at once, the others at low priority (a thread at nice 10; TensorFlow's
+    compute threads start later, with the jobs' first ops, at the worker's own priority). On 2 cores, workers
+    importing side by side with the sweep's process, which composes and validates every job meanwhile, slowed
+    all three by a third; the first worker then checks the sweep and trains its baseline while the others
+    finish importing."""
     from joblib.externals.loky import process_executor
 
-    for module in PRELOAD:
-        importlib.import_module(module)
+    def preload(nice: int) -> None:
+        os.nice(nice)  # this thread's (per thread on Linux)
+        for module in PRELOAD:
+            importlib.import_module(module)
+
+    if first or sys.platform != "linux":  # elsewhere a nice value is the whole process's, for good
+        preload(0)
+    else:
+        import numpy  # noqa: F401  (its BLAS threads start here, at the worker's priority)
+
+        thread = threading.Thread(target=preload, args=(10,))
+        thread.start()
+        thread.join()
     # The half million objects of these modules live as long as the worker: out of the collector's scans.
     gc.freeze()
     # Without psutil, loky runs a full collection after any task that ends a second after the last one: after
@@ -85,7 +102,7 @@ class JoblibWorkers(Workers):
         self.config = config
         parallel = _parallel(config)
         workers = effective_n_jobs(parallel.n_jobs)
-        self._background(parallel, [delayed(_warm)() for _ in range(min(workers, jobs or workers))], "warmed")
+        self._background(parallel, [delayed(_warm)(i == 0) for i in range(min(workers, jobs or workers))], "warmed")
 
     @staticmethod
     def _background(parallel, tasks: list, what: str) -> None:

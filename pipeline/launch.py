@@ -29,6 +29,11 @@ def compose(config: DictConfig, overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
+def composed(overrides: Sequence[str]) -> bool:
+    """Whether the sweep's callback composed (and validated) the job of these overrides, not launched yet."""
+    return tuple(overrides) in _composed
+
+
 def begin(config: DictConfig) -> Path:
     """What Hydra's launchers do first: Hydra's globals and logging, and the sweep's folder (returned)."""
     from hydra.core.utils import configure_log, setup_globals

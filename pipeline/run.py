@@ -182,7 +182,6 @@ def job_objective(result: dict, track) -> float:
 def cli() -> None:
     """Configuration mistakes end with one line and exit status 2; nothing is written before."""
     from hydra.errors import HydraException
-    from mlflow.exceptions import MlflowException
     from omegaconf.errors import OmegaConfBaseException
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let the errors reach us instead of Hydra's printer
@@ -191,16 +190,25 @@ def cli() -> None:
         main()
     except (ConfigError, HydraException, OmegaConfBaseException) as e:
         exit_config_error(e)
-    except MlflowException as e:  # the store stopped answering: the run's ending is journaled
-        print(f"error: the tracking store failed: {' '.join(str(e).split())[:500]}", file=sys.stderr)
-        sys.exit(1)
     except KeyboardInterrupt:  # runs are already marked KILLED
         print("interrupted: unfinished runs are marked KILLED; run the same command again to resume",
               file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        if not store_failed(e):
+            raise
+        print(f"error: the tracking store failed: {' '.join(str(e).split())[:500]}", file=sys.stderr)
+        sys.exit(1)  # the run's ending is journaled
     finally:
         gc.freeze()  # the interpreter's exit then skips its collections over every object (about a second)
     log.debug("done in %.1fs", time.time() - started)
+
+
+def store_failed(error: Exception) -> bool:
+    """The tracking store stopped answering (an MlflowException). MLflow is imported only once a job or sweep
+    uses it: importing it up front took two seconds before a sweep could start its workers."""
+    errors = sys.modules.get("mlflow.exceptions")
+    return errors is not None and isinstance(error, errors.MlflowException)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ PROGRESS = "progress"  # with a tracking server, each job's ending also goes the
 # What a job needs from its sweep's process, all in the environment: the sweep's callback sets them in each
 # job's process as the job starts (on_job_start), whatever process the launcher runs it in
 SWEEP_ENV = (TOTAL_ENV, START_ENV, SWEPT_ENV, RESULTS_ENV, tracking.PARENT_ENV)
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+BASIC_SWEEPERS = ("hydra._internal.core_plugins.basic_sweeper.BasicSweeper",  # hydra/sweeper=basic
+                  "hydra_plugins.pipeline_grid_sweeper.grid_sweeper.BasicSweeper")  # grid, the default
 # What a job returns for a sweeper to maximise (see objective()): the final model's accuracy on the
 # validation split (its last fine-tuning epoch); the test split stays for the reported metrics.
 OBJECTIVE_METRIC = "finetune/val_accuracy"
@@ -61,7 +62,7 @@ def _overrides(config: DictConfig) -> list:
 def is_basic_sweeper(config: DictConfig) -> bool:
     """Hydra's basic sweeper: its jobs are known before any starts. Another (e.g. Optuna) picks each job
     from the results so far."""
-    return config.hydra.sweeper.get("_target_") == BASIC_SWEEPER
+    return config.hydra.sweeper.get("_target_") in BASIC_SWEEPERS
 
 
 def job_overrides(config: DictConfig) -> list[list[str]]:
@@ -280,6 +281,8 @@ class SweepCallback(Callback):
         if uri:
             tracking.check_store(uri)
         store = tracking.NewStore(uri)  # a new store is made meanwhile, put in place if all is well
+        if uri and pool.elsewhere:  # while a worker checks, this process imports MLflow: its parent run is next
+            threading.Thread(target=tracking.preload, args=(uri,), daemon=True).start()
         try:
             problem = pool.check(list(checks.values()))
             if problem:

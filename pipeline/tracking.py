@@ -8,7 +8,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import time
 import traceback
@@ -105,11 +104,11 @@ def _check_sqlite(db: Path) -> None:
 
 
 def client(uri: str):
-    """An MlflowClient whose store exists. A fresh sqlite database is created (tables and migrations)
-    under a file lock beside it: MLflow's SqlAlchemyStore creates its tables unguarded, and two processes
-    doing so at the same moment corrupt the database (e.g. two sweeps started together on a new store).
-    A store this process cannot write is opened without the lock, so a read-only store can still be read.
-    A store that is not an MLflow database raises ConfigError (one line)."""
+    """An MlflowClient whose store exists. A new sqlite store is created (create_store) under a file lock beside
+    it: MLflow's SqlAlchemyStore creates its tables unguarded, and two processes doing so at the same moment
+    corrupt the database (e.g. two sweeps started together on a new store). A store this process cannot write
+    is opened without the lock, so a read-only store can still be read. A store that is not an MLflow
+    database raises ConfigError (one line)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -120,12 +119,10 @@ def client(uri: str):
     try:
         if db.exists() and not writable(uri):  # read-only: nothing to create, and no lock file can be made
             return _opened(MlflowClient(tracking_uri=uri))
-        db.parent.mkdir(parents=True, exist_ok=True)
-        with creation_lock(db):
-            new = not db.exists()
-            opened = _opened(MlflowClient(tracking_uri=uri))  # creates or upgrades the tables
-        if new:
-            collect_migrations()
+        made = create_store(db)
+        opened = _opened(MlflowClient(tracking_uri=uri))  # upgrades the tables of a store made by an older MLflow
+        if made:
+            collect_sqlalchemy()
         return opened
     except ConfigError:
         raise
@@ -134,69 +131,118 @@ def client(uri: str):
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
+def preload(uri: str) -> None:
+    """Import what opening the store at `uri` and starting a run there take (MLflow, its run context and its
+    sqlite store: two to three seconds), e.g. in a thread while the process waits for something else."""
+    import mlflow.tracking.context.registry  # noqa: F401
+
+    if sqlite_path(uri) is not None:
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+
 def creation_lock(db: Path):
-    """The lock beside a sqlite store under which it is created (or, made aside, put in place)."""
+    """The lock beside a sqlite store under which it is created."""
     from filelock import FileLock
 
     return FileLock(str(db.with_name(db.name + ".lock")))
 
 
-def collect_migrations() -> None:
-    """A new store's migrations leave SQLAlchemy classes to the garbage collector, whose callbacks, should a
-    Ctrl-C come while one runs, print a traceback: collected at once instead."""
+def create_store(db: Path) -> bool:
+    """The sqlite store db, unless it exists (then False): a copy of empty_store(), whose default experiment's
+    artifact location is then set as MLflow sets it (./mlruns/0, made absolute: the copy had its maker's)."""
+    import sqlite3
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with creation_lock(db):
+        if db.exists():
+            return False
+        part = db.with_name(f".{db.name}.{os.getpid()}.part")
+        try:
+            try:
+                shutil.copyfile(empty_store(), part)
+            except OSError:  # no cache to keep it in (e.g. a read-only home): MLflow makes this one
+                made_by_mlflow(part)
+            now = int(time.time() * 1000)
+            with closing(sqlite3.connect(part)) as conn, conn:
+                conn.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
+                             "WHERE experiment_id = 0", (os.path.join(os.path.abspath("mlruns"), "0"), now, now))
+            os.replace(part, db)
+            return True
+        finally:
+            part.unlink(missing_ok=True)
+
+
+def empty_store() -> Path:
+    """An empty MLflow sqlite store (its tables and migrations, made by MLflow), kept in the user's cache per
+    MLflow version: each new store is a copy, made in milliseconds where MLflow's migrations take one to two
+    seconds, each time."""
+    from importlib.metadata import version
+
+    template = cache_dir() / f"empty-store-mlflow-{version('mlflow')}.db"
+    if template.exists():
+        return template
+    template.parent.mkdir(parents=True, exist_ok=True)
+    with creation_lock(template):
+        if not template.exists():
+            part = template.with_name(f".{template.name}.{os.getpid()}.part")
+            try:
+                made_by_mlflow(part)
+                os.replace(part, template)
+            finally:
+                part.unlink(missing_ok=True)
+    return template
+
+
+def made_by_mlflow(db: Path) -> None:
+    """A new store made at db by MLflow (its tables and migrations), quietly."""
+    from mlflow.tracking import MlflowClient
+
+    quiet = logging.getLogger("mlflow.store.db.utils")  # "Creating initial MLflow database tables..."
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments(max_results=1)
+    finally:
+        quiet.setLevel(level)
+    collect_sqlalchemy()
+
+
+def collect_sqlalchemy() -> None:
+    """Making a store, and opening a new one, leave SQLAlchemy classes to the garbage collector, whose
+    callbacks, should a Ctrl-C come while one runs, print a traceback: collected at once instead."""
     import gc
 
     gc.collect()
 
 
 class NewStore:
-    """A sqlite store that does not exist yet, created aside in a thread (MLflow's tables and migrations take
-    a second or more) while the sweep finishes its checks, and put in place only once they pass (place): a
-    sweep that fails them writes nothing (discard). Nothing to do for a store that exists, or a server."""
+    """A sqlite store that does not exist yet, put in place (create_store) only once the sweep's checks pass:
+    a sweep that fails them writes nothing (discard). The first store made with this MLflow makes
+    empty_store() meanwhile, in a thread. Nothing to do for a store that exists, or a server."""
 
     def __init__(self, uri: str):
         db = sqlite_path(uri)
-        self.db, self.made = (db if db is not None and not db.exists() else None), False
+        self.db = db if db is not None and not db.exists() else None
         if self.db is not None:
-            self.folder = Path(tempfile.mkdtemp(prefix="pipeline-store-"))
-            self.thread = threading.Thread(target=self._create, daemon=True)
+            self.thread = threading.Thread(target=self._prepare, daemon=True)
             self.thread.start()
 
-    def _create(self) -> None:
-        from mlflow.tracking import MlflowClient
-
-        quiet = logging.getLogger("mlflow.store.db.utils")  # "Creating initial MLflow database tables...": not yet
-        level = quiet.level
-        quiet.setLevel(logging.WARNING)
+    @staticmethod
+    def _prepare() -> None:
         try:
-            MlflowClient(tracking_uri=f"sqlite:///{self.folder / self.db.name}").search_experiments(max_results=1)
-            collect_migrations()  # here, in this thread
-            self.made = True
-        except Exception:  # left to client(), which says what is wrong
+            empty_store()
+        except Exception:  # made again by place(), which says what is wrong
             pass
-        finally:
-            quiet.setLevel(level)
 
     def place(self) -> None:
-        """The store made aside, in place, unless one appeared meanwhile (another sweep's)."""
-        if self.db is None:
-            return
-        self.thread.join()
-        try:
-            if self.made:
-                self.db.parent.mkdir(parents=True, exist_ok=True)
-                with creation_lock(self.db):
-                    if not self.db.exists():
-                        part = self.db.with_name(f".{self.db.name}.{os.getpid()}.part")
-                        shutil.copyfile(self.folder / self.db.name, part)
-                        os.replace(part, self.db)
-        finally:
-            self.discard()
+        """The new store, in place, unless one appeared meanwhile (another sweep's)."""
+        if self.db is not None:
+            self.thread.join()
+            create_store(self.db)
 
     def discard(self) -> None:
         if self.db is not None:
             self.thread.join()
-            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def existing_client(uri: str):
@@ -406,9 +452,14 @@ def context_tags() -> dict[str, str]:
         return {}
 
 
+def cache_dir() -> Path:
+    """The pipeline's folder in the user's cache (XDG_CACHE_HOME, else ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pipeline"
+
+
 def journal_dir() -> Path:
     """Where a run's ending waits when the store could not be told (outside the store, on purpose)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pipeline" / "unclosed-runs"
+    return cache_dir() / "unclosed-runs"
 
 
 def journal(uri: str, run_id: str, status: str, error: str) -> None:

@@ -74,7 +74,34 @@ def test_a_store_made_aside_is_put_in_place_unless_one_appeared_meanwhile(tmp_pa
     exp = tracking.experiment_id(client, "theirs", uri)
     store.place()
     assert tracking.client(uri).get_experiment(exp).name == "theirs"
-    assert not store.folder.exists()
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_a_new_store_is_a_copy_of_an_empty_one_made_by_mlflow(tmp_path, monkeypatch):
+    """A new store is a copy of the empty store MLflow made once in the user's cache, as MLflow would have made
+    it here (its default experiment's artifacts under ./mlruns); without a cache to keep it in, MLflow makes it."""
+    import sqlite3
+
+    def experiments(db):
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT experiment_id, name, artifact_location FROM experiments").fetchall()
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    tracking.made_by_mlflow(tmp_path / "by-mlflow.db")
+    tracking.client(f"sqlite:///{tmp_path}/first.db")
+    template = tracking.empty_store()
+    assert template.parent == tmp_path / "cache" / "pipeline"
+    made = template.stat().st_mtime_ns
+    tracking.NewStore(f"sqlite:///{tmp_path}/second.db").place()
+    assert template.stat().st_mtime_ns == made  # made once
+    assert experiments(tmp_path / "first.db") == experiments(tmp_path / "second.db") == experiments(
+        tmp_path / "by-mlflow.db") == [(0, "Default", str(tmp_path / "mlruns" / "0"))]
+    (tmp_path / "cache").rename(tmp_path / "cache-gone")
+    (tmp_path / "cache").write_text("not a folder")  # nowhere to keep a template
+    client = tracking.client(f"sqlite:///{tmp_path}/third.db")
+    assert client.create_experiment("x") and experiments(tmp_path / "third.db")[0] == experiments(
+        tmp_path / "first.db")[0]
 
 
 def test_a_read_only_store_can_be_reported_and_verified():
@@ -215,7 +242,8 @@ def test_ctrl_c_ends_a_joblib_sweep_with_one_line_and_killed_runs(tmp_path):
 
 def test_a_new_stores_migrations_are_collected_at_once(tmp_path, monkeypatch):
     """Creating a store leaves SQLAlchemy classes whose collection, were a Ctrl-C to come during it, printed a
-    traceback (the Ctrl-C test above caught one): whoever makes a store collects them at once."""
+    traceback (the Ctrl-C test above caught one): whoever makes a store (here, the empty one new stores copy)
+    collects them at once."""
     import gc
 
     from sqlalchemy.orm import clsregistry
@@ -224,6 +252,7 @@ def test_a_new_stores_migrations_are_collected_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(clsregistry._MultipleClassMarker, "_remove_item",
                         lambda marker, ref: (removed.append(ref), remove(marker, ref)))
     gc.collect()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the empty store is made here, once
     tracking.client(f"sqlite:///{tmp_path}/made-here.db")
     tracking.NewStore(f"sqlite:///{tmp_path}/made-aside.db").place()
     made = len(removed)

@@ -143,3 +143,36 @@ def test_a_launcher_runs_each_job_from_the_config_the_sweep_composed():
     assert launch.job(["method=filter", "sparsity.target=0.3"], 6, "workers_6")["config"] is None  # taken once
     assert launch.job(["method=slim"], 7, "workers_7") == {"config": None, "overrides": ["method=slim"], "idx": 7,
                                                            "job_id": "workers_7"}
+
+
+def test_the_grid_sweeper_composes_once_what_the_sweep_composed():
+    """hydra/sweeper=grid (the default; an experiment may choose another) checks that a batch composes, as
+    Hydra's basic sweeper does, but not the jobs the sweep's callback composed and validated already."""
+    from conftest import CONF
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from hydra_plugins.pipeline_grid_sweeper.grid_sweeper import BasicSweeper
+    from pipeline import launch
+
+    with initialize_config_dir(CONF, version_base="1.3"):
+        master = compose("config", return_hydra_config=True)
+        assert master.hydra.sweeper._target_.endswith("pipeline_grid_sweeper.grid_sweeper.BasicSweeper")
+        assert compose("config", ["experiment=optuna_filter"], return_hydra_config=True).hydra.sweeper._target_ \
+            .endswith("OptunaSweeper")
+        loader = GlobalHydra.instance().config_loader()
+        sweeper = BasicSweeper(max_batch_size=None, params=None)
+        sweeper.config, sweeper.hydra_context = master, type("Context", (), {"config_loader": loader})()
+        composed = []
+        launch.compose(master, ["method=filter"])
+        real = loader.load_sweep_config
+        loader.load_sweep_config = lambda master_config, sweep_overrides: (composed.append(sweep_overrides),
+                                                                           real(master_config, sweep_overrides))
+        try:
+            sweeper.validate_batch_is_legal([["method=filter"], ["method=slim"]])
+            with pytest.raises(Exception, match="nonexistent"):
+                sweeper.validate_batch_is_legal([["method=nonexistent"]])
+        finally:
+            del loader.load_sweep_config
+    launch.job(["method=filter"], 0, "grid_0")
+    assert composed == [["method=slim"], ["method=nonexistent"]]
