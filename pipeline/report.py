@@ -430,14 +430,16 @@ def owned(out: Path) -> list[Path]:
 
 
 def write(client, run_ids: list[str] | None, out: Path, experiment_ids: list[str] | None = None,
-          parent: str | None = None) -> list[Path]:
+          parent: str | None = None, df: pd.DataFrame | None = None) -> list[Path]:
     """Write results.csv, results.md and the plots of each group into `out` (replacing those of an earlier
-    call); return the paths written, so that the caller logs exactly these."""
+    call) from the runs (df: runs_frame's, if the caller has it); return the paths written, so that the caller
+    logs exactly these."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for path in owned(out):
         path.unlink()
-    df = runs_frame(client, run_ids, experiment_ids, parent)
+    if df is None:
+        df = runs_frame(client, run_ids, experiment_ids, parent)
     runs, keys = per_run(df)
     summarize(runs, keys).to_csv(out / "results.csv", index=False)
     (out / "results.md").write_text(markdown(df, runs, keys))

@@ -390,9 +390,10 @@ class SweepCallback(Callback):
             out = Path(config.hydra.sweep.dir) / "report"
             try:
                 self.client.log_text(self.parent, json.dumps(run_ids), "jobs.json")
-                for path in report.write(self.client, run_ids, out):
+                runs = report.runs_frame(self.client, run_ids)
+                for path in report.write(self.client, run_ids, out, df=runs):
                     self.client.log_artifact(self.parent, str(path), "report")
-                frontier = log_frontier(self.client, self.parent, report.runs_frame(self.client, run_ids))
+                frontier = log_frontier(self.client, self.parent, runs)
                 self.client.set_tag(self.parent, "mlflow.note.content", describe(config, len(results), frontier))
                 log.info("report: %s", out)
             except Exception as e:  # raised, Hydra would only warn and exit 0
