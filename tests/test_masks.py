@@ -123,13 +123,16 @@ def test_keep_largest_drops_what_a_stable_sort_puts_first():
 
 
 def test_keep_largest_in_the_graph_is_keep_largest():
-    """The compiled loop's selection (gradual magnitude's masks): the same masks on |w| with ties, -0.0, NaN."""
+    """The compiled loop's selection (gradual magnitude's masks): the same masks on |w| with ties, zeros (the
+    weights pruned so far), -0.0, NaN, and on scores of either sign."""
     import tensorflow as tf
 
     select = tf.function(keep_largest_graph)
     rng = np.random.default_rng(0)
-    for trial in range(120):
+    for trial in range(150):
         x = (rng.integers(0, 4, 40) if trial % 2 else np.abs(rng.normal(size=40))).astype(np.float32)
+        if trial % 5 == 0:
+            x = x - 1.5
         x[rng.integers(0, 40, trial % 3)] = -0.0
         x[rng.integers(0, 40, trial % 4 // 2)] = np.nan
         for n in range(41):

@@ -32,12 +32,28 @@ def keep_largest(scores: np.ndarray, n_prune: int) -> np.ndarray:
 def keep_largest_graph(scores, n_prune):
     """keep_largest in TensorFlow, for a compiled loop: the same mask. The n_prune largest of -scores, where
     top_k takes the lower index of equal values first, as keep_largest's stable order does (and NaN, there
-    last, is kept as the largest), in about half the time of a stable argsort."""
+    last, is kept as the largest), in about half the time of a stable argsort. Scores that are never negative
+    (magnitudes) put their zeros first: a schedule's weights pruned so far are those, so the top_k runs over
+    the others only, for the few more each step prunes (about half the time again)."""
     import tensorflow as tf
 
     scores = tf.where(tf.math.is_nan(scores), tf.constant(float("inf"), scores.dtype), scores)
-    pruned = tf.math.top_k(-scores, n_prune, sorted=False).indices
-    return tf.tensor_scatter_nd_update(tf.ones_like(scores, tf.bool), pruned[:, None], tf.zeros_like(pruned, tf.bool))
+    zero = tf.equal(scores, 0)
+    n_zero = tf.reduce_sum(tf.cast(zero, tf.int32))
+
+    def smallest(among, n):  # the mask without the n lowest (score, index) of the indices `among`
+        pruned = tf.gather(among, tf.math.top_k(-tf.gather(scores, among), n, sorted=False).indices)
+        return pruned[:, None]
+
+    def anywhere():
+        pruned = smallest(tf.range(tf.size(scores)), n_prune)
+        return tf.tensor_scatter_nd_update(tf.ones_like(zero), pruned, tf.zeros_like(pruned[:, 0], tf.bool))
+
+    def after_zeros():
+        pruned = smallest(tf.cast(tf.where(~zero)[:, 0], tf.int32), n_prune - n_zero)
+        return tf.tensor_scatter_nd_update(~zero, pruned, tf.zeros_like(pruned[:, 0], tf.bool))
+
+    return tf.cond((tf.reduce_min(scores) >= 0) & (n_zero <= n_prune), after_zeros, anywhere)
 
 
 @dataclass(frozen=True)
