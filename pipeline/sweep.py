@@ -178,9 +178,9 @@ class Job:
 
 def stand_back() -> None:
     """For a sweep whose jobs run in workers, once they have their first work: this process only launches the
-    jobs, waits, and writes the report. It yields the cores to the workers (while the first baseline trains,
-    Hydra composes every job once more here), and imports the report's modules meanwhile (a second less at
-    the end)."""
+    jobs, waits, and writes the report. It yields the cores to the workers (with hydra/sweeper=basic, Hydra
+    composes every job once more here while the first baseline trains), and imports the report's modules
+    meanwhile (a second less at the end)."""
     os.nice(10)  # per thread on Linux: this one and those it starts
     threading.Thread(target=_import_report, daemon=True).start()
 
