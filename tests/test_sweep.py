@@ -114,6 +114,7 @@ def test_the_mlflow_view_needs_no_clicking(sweep):
     (output,) = job.outputs.model_outputs
     model = client.get_logged_model(output.model_id)
     assert model.source_run_id == job.info.run_id and model.experiment_id == exp.experiment_id
+    assert {"eval/accuracy", "eval/sparsity", "baseline/accuracy"} <= {m.key for m in model.metrics}  # its page too
     mlflow.set_tracking_uri(client.tracking_uri)
     info = mlflow.models.get_model_info(f"models:/{output.model_id}")
     assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 8, 8, 1)
