@@ -62,17 +62,16 @@ def _warm(first: bool) -> None:
     finish importing."""
     from joblib.externals.loky import process_executor
 
-    def preload(nice: int) -> None:
-        os.nice(nice)  # this thread's (per thread on Linux)
+    def preload() -> None:
         for module in PRELOAD:
             importlib.import_module(module)
 
     if first or sys.platform != "linux":  # elsewhere a nice value is the whole process's, for good
-        preload(0)
+        preload()
     else:
         import numpy  # noqa: F401  (its BLAS threads start here, at the worker's priority)
 
-        thread = threading.Thread(target=preload, args=(10,))
+        thread = threading.Thread(target=lambda: (os.nice(10), preload()))  # this thread's nice value only
         thread.start()
         thread.join()
     # The half million objects of these modules live as long as the worker: out of the collector's scans.
