@@ -156,24 +156,27 @@ def test_the_same_seed_gives_the_same_history(rgb):
     lambda lib: lib.Adam(0.01),
     lambda lib: lib.Adam(0.01, weight_decay=0.1),
     lambda lib: lib.SGD(0.05, momentum=0.9),
+    lambda lib: lib.Adam(keras.optimizers.schedules.CosineDecay(0.01, 20)),
 ])
 def test_fused_optimizers_make_kerass_updates(make):
-    """Fed the same gradients, the fused updates (one op per variable) move weights and slots as Keras's."""
+    """Fed the same gradients, the fused updates (one op per variable, the step's scalars shared by all)
+    move weights and slots as Keras's."""
     import tensorflow as tf
 
     from pipeline.stages import optimizers
 
     rng = np.random.default_rng(0)
-    start = rng.normal(size=(5, 4)).astype("float32")
-    gradients = [rng.normal(size=(5, 4)).astype("float32") for _ in range(20)]
+    shapes = [(5, 4), (3,)]
+    start = [rng.normal(size=s).astype("float32") for s in shapes]
+    gradients = [[rng.normal(size=s).astype("float32") for s in shapes] for _ in range(20)]
 
     def train(opt):
-        w = keras.Variable(start)
-        opt.build([w])
-        apply = tf.function(lambda g: opt.apply([g], [w]))
-        for g in gradients:
-            apply(tf.constant(g))
-        return [w.numpy(), *(v.numpy() for v in opt.variables)]
+        ws = [keras.Variable(s) for s in start]
+        opt.build(ws)
+        apply = tf.function(lambda gs: opt.apply(gs, ws))
+        for gs in gradients:
+            apply([tf.constant(g) for g in gs])
+        return [*(w.numpy() for w in ws), *(v.numpy() for v in opt.variables)]
 
     results = [train(make(lib)) for lib in (keras.optimizers, optimizers)]
     assert type(make(optimizers)).update_step is not type(make(keras.optimizers)).update_step

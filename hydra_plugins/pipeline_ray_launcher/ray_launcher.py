@@ -36,7 +36,8 @@ from pipeline.sweep import Workers
 log = logging.getLogger(__name__)
 # A job's options (hydra.launcher.remote) -> the cluster resource each one takes
 RESOURCES = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
-TF_ENV = ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")  # the sweep's TensorFlow settings, for its workers
+# the sweep's TensorFlow settings (pipeline/__init__.py), for its workers
+TF_ENV = ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS", "TF_MKL_OPTIMIZE_PRIMITIVE_MEMUSE")
 _started: dict[str, Any] = {}  # the workers started by StartWorkers, for the launcher Hydra creates after it
 
 
