@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from filelock import FileLock
 
 from pipeline import tracking
@@ -103,6 +104,19 @@ def obtain(spec: dict[str, Any], cache: Path, build: Callable, train: Callable,
         if on_trained is not None:
             on_trained(key, model, history, folder / "model.keras")
         return load_verified(folder), key, True
+
+
+_scores: collections.OrderedDict = collections.OrderedDict()  # baseline hash and weights -> test metrics
+
+
+def test_metrics(model, data, key: str) -> dict[str, float]:
+    """The baseline's test metrics (evaluate.test_metrics), computed once per process for its hash `key` and
+    weights: every job of a sweep starts from the same baseline."""
+    from pipeline.stages.evaluate import test_metrics
+    from pipeline.stages.loop import cached
+
+    weights = hashlib.sha256(b"".join(np.ascontiguousarray(w).tobytes() for w in model.get_weights())).hexdigest()
+    return dict(cached(_scores, f"{key}:{weights}", lambda: test_metrics(model, data)))
 
 
 def for_job(conf: dict[str, Any], parts: dict, data, client, exp_id, uri: str):

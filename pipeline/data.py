@@ -387,6 +387,32 @@ class Digits(DataSource):
         return "sklearn.datasets.load_digits"
 
     def arrays(self, seed):
+        """The split, from the user's cache where an earlier process left it (per scikit-learn version and
+        test_fraction, checked by its digest): importing scikit-learn and splitting take a second of every
+        process that loads digits, and the split never changes."""
+        from importlib.metadata import version
+
+        from pipeline.tracking import cache_dir
+
+        path = cache_dir() / f"digits-sklearn-{version('scikit-learn')}-test-{self.test_fraction}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                cached = tuple(f[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+                if str(f["digest"]) == _digest(*cached):
+                    return cached
+        except Exception:  # absent, or not as written: split again
+            pass
+        split = self._split_digits()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
+                np.savez(tmp, **dict(zip(("x_train", "y_train", "x_test", "y_test"), split)), digest=_digest(*split))
+            os.replace(tmp.name, path)
+        except OSError as e:  # a read-only cache: split in every process
+            log.debug("digits: not cached in %s: %s", path, e)
+        return split
+
+    def _split_digits(self):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 

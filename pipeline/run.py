@@ -77,7 +77,7 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
         # From here on, the same random numbers whether the baseline was trained here or loaded.
         baseline.seed_everything(cfg.seed, training.deterministic)
         dense_weights = model.get_weights()
-        run.metrics(test_metrics(model, data), prefix="baseline/")
+        run.metrics(baseline.test_metrics(model, data, bhash), prefix="baseline/")
 
         method.bind(data)  # for criteria that score on a training batch (channel, importance=taylor)
         masked = prune(model, method, schedule.initial, cfg.seed)
@@ -103,9 +103,9 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
                 small.save(tmp / "shrunk.keras")
                 run.artifact(tmp / "shrunk.keras", "model")
                 run.text("\n".join(f"{k}: {v}" for k, v in kept.items()), "channels_kept.txt")
-        run.metrics(metrics, prefix="eval/")  # after the Logged model: its metrics too (tracking.Run.keras_model)
-        run.metrics(accounting.layer_sparsity(model))
-        run.metrics({"time/job_seconds": time.perf_counter() - started,
+        # after the Logged model: its metrics too (tracking.Run.keras_model)
+        run.metrics({**{f"eval/{k}": v for k, v in metrics.items()}, **accounting.layer_sparsity(model),
+                     "time/job_seconds": time.perf_counter() - started,
                      "time/finetune_seconds": sum(history["seconds"])})
         log.info("%s: baseline %.4f -> pruned %.4f -> fine-tuned %.4f at sparsity %.3f (run %s)", name,
                  run.logged.get("baseline/accuracy", float("nan")), run.logged.get("pruned/accuracy", 0),

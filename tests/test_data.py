@@ -533,3 +533,26 @@ def test_cli_data_error_exits_2_with_one_line_and_writes_nothing(tmp_path):
         proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_digits_split_is_cached_per_sklearn_version_and_checked(tmp_path, monkeypatch):
+    """The split is computed once and read back from the user's cache; a damaged or forged copy is split again."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = Digits().arrays(0)
+    [cached] = (tmp_path / "pipeline").glob("digits-sklearn-*-test-0.2.npz")
+    calls = []
+    split = Digits._split_digits
+    monkeypatch.setattr(Digits, "_split_digits", lambda self: calls.append(1) or split(self))
+    for a, b in zip(Digits().arrays(0), first, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert calls == []  # read from the cache
+    with np.load(cached) as f:
+        saved = dict(f)
+    saved["y_test"] = (saved["y_test"] + 1) % 10  # other labels under the old digest
+    np.savez(cached, **saved)
+    for a, b in zip(Digits().arrays(0), first, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert calls == [1]
+    cached.write_bytes(b"not an npz")
+    assert all(np.array_equal(a, b) for a, b in zip(Digits().arrays(0), first, strict=True)) and calls == [1, 1]
+    assert len(Digits(test_fraction=0.3).arrays(0)[3]) != len(first[3])  # another split, its own file
