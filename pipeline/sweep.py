@@ -267,7 +267,8 @@ class SweepCallback(Callback):
         jobs = job_overrides(config) if basic else [shared_overrides(config)]
         pool = workers or (joblib_workers.JoblibWorkers(config, len(jobs) if basic else None)
                            if joblib_workers.is_joblib(config) else Workers())
-        configs = [launch.compose(config, overrides) for overrides in jobs]  # once: the launcher sends these
+        with launch.shared_composition():
+            configs = [launch.compose(config, overrides) for overrides in jobs]  # once: the launcher sends these
         parts = [validate(cfg) for cfg in configs]  # every job's config is checked before any trains
         if not basic:
             self._check_optimiser(config, parts[0]["tracking"])

@@ -177,3 +177,33 @@ def test_the_grid_sweeper_composes_once_what_the_sweep_composed():
             del loader.load_sweep_config
     launch.job(["method=filter"], 0, "grid_0")
     assert composed == [["method=slim"], ["method=nonexistent"]]
+
+
+def test_shared_composition_gives_each_job_the_config_hydra_composes_alone(monkeypatch):
+    """launch.shared_composition composes each choice of config groups once: every job's config (values, hydra
+    node, choices) is still the one Hydra composes for it from scratch, whatever the overrides' kinds and order."""
+    from conftest import CONF
+    from hydra import compose, initialize_config_dir
+    from hydra._internal import config_loader_impl
+    from omegaconf import OmegaConf
+
+    from pipeline import launch
+
+    jobs = [["method=filter", "sparsity.target=0.3"], ["sparsity.target=0.5", "method=filter"],
+            ["method=filter", "sparsity.target=0.7", "training.finetune.epochs=2"], ["method=slim", "seed=3"],
+            ["model=vgg_bn", "method=slim", "seed=3"], ["method=slim", "+training.extra=1", "seed=4"],
+            ["experiment=optuna_filter", "sparsity.target=0.2"], ["method=magnitude", "sparsity=gradual"]]
+    loader = config_loader_impl.ConfigLoaderImpl
+    real, made = loader._compose_config_from_defaults_list, []
+    monkeypatch.setattr(loader, "_compose_config_from_defaults_list",
+                        lambda self, defaults, repo: made.append(1) or real(self, defaults, repo))
+    with initialize_config_dir(CONF, version_base="1.3"):
+        master = compose("config", return_hydra_config=True)
+        alone = [OmegaConf.to_yaml(launch.compose(master, job)) for job in jobs]
+        made.clear()
+        with launch.shared_composition():
+            shared = [OmegaConf.to_yaml(launch.compose(master, job)) for job in jobs * 2]
+        launch._composed.clear()
+    assert shared == alone * 2
+    assert len(made) == 5  # filter, slim, vgg_bn with slim, the experiment, gradual magnitude
+    assert "target: 0.5" in alone[1] and "extra: 1" in alone[5] and "epochs: 2" in alone[2]
