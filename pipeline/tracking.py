@@ -103,12 +103,16 @@ def _check_sqlite(db: Path) -> None:
         raise ConfigError(f"tracking store {db} cannot be opened as an MLflow database: {e}") from None
 
 
+_clients: dict[str, tuple] = {}  # sqlite uri -> (its file's device and inode, client), for a worker's next jobs
+
+
 def client(uri: str):
     """An MlflowClient whose store exists. A new sqlite store is created (create_store) under a file lock beside
     it: MLflow's SqlAlchemyStore creates its tables unguarded, and two processes doing so at the same moment
     corrupt the database (e.g. two sweeps started together on a new store). A store this process cannot write
     is opened without the lock, so a read-only store can still be read. A store that is not an MLflow
-    database raises ConfigError (one line)."""
+    database raises ConfigError (one line). A store this process opened before (the same file) is not checked
+    again: a sweep's worker opens it twice a job."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -117,12 +121,21 @@ def client(uri: str):
     if db is None:
         return MlflowClient(tracking_uri=uri)
     try:
+        file = db.stat()
+        known = _clients.get(uri)
+        if known and known[0] == (file.st_dev, file.st_ino):  # opened and checked by this process before
+            return known[1]
+    except OSError:
+        pass
+    try:
         if db.exists() and not writable(uri):  # read-only: nothing to create, and no lock file can be made
             return _opened(MlflowClient(tracking_uri=uri))
         made = create_store(db)
         opened = _opened(MlflowClient(tracking_uri=uri))  # upgrades the tables of a store made by an older MLflow
         if made:
             collect_sqlalchemy()
+        file = db.stat()
+        _clients[uri] = (file.st_dev, file.st_ino), opened
         return opened
     except ConfigError:
         raise
@@ -296,29 +309,20 @@ def log_params(mlflow_client, run_id: str, params: dict[str, Any]) -> None:
 
 
 def log_metrics(mlflow_client, run_id: str, metrics: dict[str, float], step: int = 0,
-                model_id: str | None = None) -> None:
-    """The metrics at `step`; with `model_id`, the Logged model's too."""
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step, model_id=model_id) for k, v in metrics.items()]
-    for i in range(0, len(items), 500):
-        mlflow_client.log_batch(run_id, metrics=items[i: i + 500])
-
-
-def log_history(mlflow_client, run_id: str, prefix: str, history: dict[str, list[float]]) -> None:
-    """Per-epoch metrics, step = epoch (1-based)."""
+                model_id: str | None = None, history: dict[str, dict[str, list[float]]] | None = None) -> None:
+    """The metrics at `step`; with `model_id`, the Logged model's too. With them, `history`: per prefix,
+    per-epoch metrics (step = epoch, from 1)."""
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     items = [Metric(f"{prefix}/{k}", float(v), now, epoch)
-             for k, vals in history.items() for epoch, v in enumerate(vals, start=1)]
-    for i in range(0, len(items), 500):
-        mlflow_client.log_batch(run_id, metrics=items[i: i + 500])
+             for prefix, metrics_of in (history or {}).items()
+             for k, vals in metrics_of.items() for epoch, v in enumerate(vals, start=1)]
+    items += [Metric(k, float(v), now, step, model_id=model_id) for k, v in metrics.items()]
+    for i in range(0, len(items), 1000):  # MLflow's limit per batch
+        mlflow_client.log_batch(run_id, metrics=items[i: i + 1000])
 
 
 class Run:
@@ -326,7 +330,7 @@ class Run:
     With no client (tracking=none) it logs nothing but still remembers the metrics."""
 
     def __init__(self, mlflow_client, exp_id: str | None, name: str, tags: dict[str, str]):
-        self.client, self.name, self.logged, self.checksums = mlflow_client, name, {}, {}
+        self.client, self.name, self.logged, self.checksums, self.histories = mlflow_client, name, {}, {}, {}
         self.id, self.exp_id, self.model_id = None, exp_id, None
         if mlflow_client is None:
             return
@@ -346,6 +350,8 @@ class Run:
         status = "FINISHED" if exc is None else "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         error = None if exc is None else f"{exc_type.__name__}: {exc}"
         try:
+            if self.histories:
+                self.metrics({})
             if exc is None:
                 self.client.set_tag(self.id, CHECKSUMS_TAG, json.dumps(self.checksums, sort_keys=True))
             else:
@@ -371,11 +377,12 @@ class Run:
         named = {f"{prefix}{k}": float(v) for k, v in metrics.items()}
         self.logged.update(named)
         if self.client:
-            log_metrics(self.client, self.id, named, step, self.model_id)
+            log_metrics(self.client, self.id, named, step, self.model_id, self.histories)
+        self.histories = {}
 
     def history(self, prefix: str, history: dict[str, list[float]]) -> None:
-        if self.client:
-            log_history(self.client, self.id, prefix, history)
+        """Per-epoch metrics, written with the run's next metrics() or at its end (one write fewer)."""
+        self.histories[prefix] = history
 
     def artifact(self, path: str | Path, folder: str | None = None) -> None:
         if self.client:
