@@ -319,9 +319,10 @@ def speed_markdown(speed: dict) -> str:
              "updates inside it; masks held inside every optimizer step; Adam's update fused); `keras_fit`: the "
              "same dense model with Keras as it comes (its own Adam, model.fit), same batch size. TF-MOT: "
              "prune_low_magnitude + UpdatePruningStep with tf_keras. Both processes run TensorFlow's oneDNN "
-             f"kernels (TF_ENABLE_ONEDNN_OPTS={os.environ['TF_ENABLE_ONEDNN_OPTS']}) on one TensorFlow thread "
-             "(TF_NUM_INTRAOP_THREADS=TF_NUM_INTEROP_THREADS=1), as each worker of the sweep below does on 2 "
-             "cores.", "",
+             f"kernels (TF_ENABLE_ONEDNN_OPTS={os.environ['TF_ENABLE_ONEDNN_OPTS']}, gradients' kernels kept: "
+             f"TF_MKL_OPTIMIZE_PRIMITIVE_MEMUSE={os.environ['TF_MKL_OPTIMIZE_PRIMITIVE_MEMUSE']}) on one "
+             "TensorFlow thread (TF_NUM_INTRAOP_THREADS=TF_NUM_INTEROP_THREADS=1), as each worker of the sweep below "
+             "does on 2 cores.", "",
              "| step | ms |", "|---|---:|",
              f"| ours masked, one_shot | {masked['one_shot']:.3f} |",
              f"| ours masked, gradual (masks recomputed every 10 steps over 60% of fine-tuning, in the loop) "
