@@ -109,21 +109,23 @@ def test_a_read_only_store_can_be_reported_and_verified():
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     if os.geteuid() != 0 or subprocess.run([*nobody, "true"]).returncode != 0:
         pytest.skip("needs root, to read the store as another user")
-    if subprocess.run([*nobody, PY, "-c", "import pipeline"], cwd="/tmp", capture_output=True).returncode != 0:
+    if subprocess.run([*nobody, PY, "-c", "import pipeline.report"], cwd="/tmp", capture_output=True).returncode:
         pytest.skip(f"another user cannot run this checkout's Python ({PY}): a folder above it is private, "
                     "e.g. a clone made in `mktemp -d`")
     store = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's tmp folders are private to their owner
+    # the other user's home and cache: not /tmp itself, whose pipeline/ cache folder would pass for the package
+    home = Path(tempfile.mkdtemp(dir="/tmp"))
     try:
         os.chmod(store, 0o755)
+        os.chmod(home, 0o777)
         run_pipeline([*SMOKE], store)
         uri = f"sqlite:///{store}/mlflow.db"
         client = tracking.client(uri)
         (run,) = client.search_runs([client.get_experiment_by_name("pruning").experiment_id],
                                     "tags.config_hash != ''")
         (store / "mlflow.db.lock").unlink(missing_ok=True)  # the writers' lock: readers must not need it
-        env = {**os.environ, "HOME": "/tmp", "XDG_CACHE_HOME": "/tmp", "MPLCONFIGDIR": "/tmp"}
-        out = Path(tempfile.mkdtemp(dir="/tmp"))
-        os.chmod(out, 0o777)
+        env = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home), "MPLCONFIGDIR": str(home)}
+        out = home / "report"
         for args in (["report", "--uri", uri, "--out", str(out)], ["verify", run.info.run_id, "--uri", uri]):
             proc = subprocess.run([*nobody, PY, "-m", f"pipeline.{args[0]}", *args[1:]], cwd="/tmp",
                                   capture_output=True, text=True, timeout=300, env=env)
@@ -134,6 +136,7 @@ def test_a_read_only_store_can_be_reported_and_verified():
         assert "verified" not in client.get_run(run.info.run_id).data.tags  # nothing could be written
     finally:
         shutil.rmtree(store, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 # MLflow's HTTP retries (pipeline.tracking's defaults) only delay a job whose server is gone for good
