@@ -321,8 +321,8 @@ def log_metrics(mlflow_client, run_id: str, metrics: dict[str, float], step: int
              for prefix, metrics_of in (history or {}).items()
              for k, vals in metrics_of.items() for epoch, v in enumerate(vals, start=1)]
     items += [Metric(k, float(v), now, step, model_id=model_id) for k, v in metrics.items()]
-    for i in range(0, len(items), 1000):  # MLflow's limit per batch
-        mlflow_client.log_batch(run_id, metrics=items[i: i + 1000])
+    for i in range(0, len(items), 500):
+        mlflow_client.log_batch(run_id, metrics=items[i: i + 500])
 
 
 class Run:

@@ -18,7 +18,7 @@ def _handle(variable):
     return variable.handle if isinstance(variable, tf.Variable) else variable.value.handle
 
 
-class _Shared:
+class _StepScalars:
     """The scalars every variable's update takes (learning rate, betas, bias corrections), made once per
     optimizer step rather than once per variable: a dozen variables' casts and powers are a tenth of seed_cnn's
     small ops."""
@@ -41,7 +41,7 @@ class _Shared:
 
 
 @keras.saving.register_keras_serializable(package="pipeline")  # a compiled model's clone rebuilds its optimizer
-class Adam(_Shared, keras.optimizers.Adam):
+class Adam(_StepScalars, keras.optimizers.Adam):
     def scalars(self, dtype, learning_rate) -> dict:
         step = ops.cast(self.iterations + 1, dtype)
         beta1, beta2 = ops.cast(self.beta_1, dtype), ops.cast(self.beta_2, dtype)
@@ -61,7 +61,7 @@ class Adam(_Shared, keras.optimizers.Adam):
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
-class SGD(_Shared, keras.optimizers.SGD):
+class SGD(_StepScalars, keras.optimizers.SGD):
     def scalars(self, dtype, learning_rate) -> dict:
         return {"lr": ops.cast(learning_rate, dtype), "momentum": ops.cast(self.momentum, dtype)}
 
