@@ -403,12 +403,13 @@ class Digits(DataSource):
         except Exception:  # absent, or not as written: split again
             pass
         split = self._split_digits()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
-                np.savez(tmp, **dict(zip(("x_train", "y_train", "x_test", "y_test"), split)), digest=_digest(*split))
-            os.replace(tmp.name, path)
-        except OSError as e:  # a read-only cache: split in every process
+            np.savez(tmp, **dict(zip(("x_train", "y_train", "x_test", "y_test"), split)), digest=_digest(*split))
+            os.replace(tmp, path)
+        except OSError as e:  # a read-only or full cache: split in every process
+            tmp.unlink(missing_ok=True)
             log.debug("digits: not cached in %s: %s", path, e)
         return split
 
