@@ -34,6 +34,7 @@ import numpy as np
 from filelock import FileLock
 
 from pipeline.config import ConfigError, require
+from pipeline.files import cache_dir, replaced
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ class DataSource:
         if x_test.max() > 1.0:
             warnings.append(f"{self.name}: test images reach {x_test.max():.4g} after division by {scale:g}, "
                             "the scale that brings the training images within 1")
-        digest = _digest(x_train, y_train, x_test, y_test)
+        digest = arrays_digest(x_train, y_train, x_test, y_test)
         fitted, x_val = x_train[train], x_train[val]
         stats = _channel_stats(fitted) if self.normalize else {}
         for x in (fitted, x_val, x_test) if stats else ():
@@ -341,7 +342,7 @@ def _few(values, shown: int = 10) -> str:
     return f"{', '.join(map(str, values[: shown - 1]))}, ..., {values[-1]}"
 
 
-def _digest(*arrays: np.ndarray) -> str:
+def arrays_digest(*arrays: np.ndarray) -> str:
     """sha256 (16 hex digits) of the arrays' dtypes, shapes and bytes: the same content, the same digest."""
     h = hashlib.sha256()
     for a in arrays:
@@ -357,14 +358,16 @@ def _require_file(path: Path, dataset: str, hint: str) -> Path:
     return path
 
 
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")  # the arrays of a data set in an .npz, in arrays()' order
+
+
 def _load_npz(path: Path, dataset: str) -> tuple[np.ndarray, ...]:
-    keys = ("x_train", "y_train", "x_test", "y_test")
     try:
         with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in keys if k not in f.files]
+            missing = [k for k in NPZ_KEYS if k not in f.files]
             if missing:
-                raise DataError(f"{dataset}: {path} lacks {', '.join(missing)} (needs {', '.join(keys)})")
-            return tuple(f[k] for k in keys)
+                raise DataError(f"{dataset}: {path} lacks {', '.join(missing)} (needs {', '.join(NPZ_KEYS)})")
+            return tuple(f[k] for k in NPZ_KEYS)
     except DataError:
         raise
     except Exception as e:
@@ -392,24 +395,20 @@ class Digits(DataSource):
         process that loads digits, and the split never changes."""
         from importlib.metadata import version
 
-        from pipeline.tracking import cache_dir
-
         path = cache_dir() / f"digits-sklearn-{version('scikit-learn')}-test-{self.test_fraction}.npz"
         try:
             with np.load(path, allow_pickle=False) as f:
-                cached = tuple(f[k] for k in ("x_train", "y_train", "x_test", "y_test"))
-                if str(f["digest"]) == _digest(*cached):
+                cached = tuple(f[k] for k in NPZ_KEYS)
+                if str(f["digest"]) == arrays_digest(*cached):
                     return cached
         except Exception:  # absent, or not as written: split again
             pass
         split = self._split_digits()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(tmp, **dict(zip(("x_train", "y_train", "x_test", "y_test"), split)), digest=_digest(*split))
-            os.replace(tmp, path)
+            with replaced(path) as part, open(part, "wb") as f:
+                np.savez(f, **dict(zip(NPZ_KEYS, split)), digest=arrays_digest(*split))
         except OSError as e:  # a read-only or full cache: split in every process
-            tmp.unlink(missing_ok=True)
             log.debug("digits: not cached in %s: %s", path, e)
         return split
 

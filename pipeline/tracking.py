@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError
+from pipeline.files import cache_dir, replaced
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_URI = f"sqlite:///{REPO / 'mlruns' / 'mlflow.db'}"
@@ -169,8 +170,7 @@ def create_store(db: Path) -> bool:
     with creation_lock(db):
         if db.exists():
             return False
-        part = db.with_name(f".{db.name}.{os.getpid()}.part")
-        try:
+        with replaced(db) as part:
             try:
                 shutil.copyfile(empty_store(), part)
             except OSError:  # no cache to keep it in (e.g. a read-only home): MLflow makes this one
@@ -179,10 +179,7 @@ def create_store(db: Path) -> bool:
             with closing(sqlite3.connect(part)) as conn, conn:
                 conn.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
                              "WHERE experiment_id = 0", (os.path.join(os.path.abspath("mlruns"), "0"), now, now))
-            os.replace(part, db)
-            return True
-        finally:
-            part.unlink(missing_ok=True)
+        return True
 
 
 def empty_store() -> Path:
@@ -197,12 +194,8 @@ def empty_store() -> Path:
     template.parent.mkdir(parents=True, exist_ok=True)
     with creation_lock(template):
         if not template.exists():
-            part = template.with_name(f".{template.name}.{os.getpid()}.part")
-            try:
+            with replaced(template) as part:
                 made_by_mlflow(part)
-                os.replace(part, template)
-            finally:
-                part.unlink(missing_ok=True)
     return template
 
 
@@ -459,11 +452,6 @@ def context_tags() -> dict[str, str]:
         return {}
 
 
-def cache_dir() -> Path:
-    """The pipeline's folder in the user's cache (XDG_CACHE_HOME, else ~/.cache)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pipeline"
-
-
 def journal_dir() -> Path:
     """Where a run's ending waits when the store could not be told (outside the store, on purpose)."""
     return cache_dir() / "unclosed-runs"
@@ -473,8 +461,8 @@ def journal(uri: str, run_id: str, status: str, error: str) -> None:
     folder = journal_dir()
     folder.mkdir(parents=True, exist_ok=True)
     entry = {"uri": uri, "run_id": run_id, "status": status, "error": error[:5000], "time": time.time()}
-    (folder / f"{run_id}.json.tmp").write_text(json.dumps(entry))
-    os.replace(folder / f"{run_id}.json.tmp", folder / f"{run_id}.json")
+    with replaced(folder / f"{run_id}.json") as part:
+        part.write_text(json.dumps(entry))
     log.error("the tracking store did not answer: run %s will be marked %s on the next start (%s)",
               run_id, status, folder)
 
