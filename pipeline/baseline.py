@@ -23,7 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from filelock import FileLock
 
 from pipeline import tracking
@@ -109,14 +108,14 @@ def obtain(spec: dict[str, Any], cache: Path, build: Callable, train: Callable,
 _scores: collections.OrderedDict = collections.OrderedDict()  # baseline hash and weights -> test metrics
 
 
-def test_metrics(model, data, key: str) -> dict[str, float]:
+def test_metrics(model, weights: list, data, key: str) -> dict[str, float]:
     """The baseline's test metrics (evaluate.test_metrics), computed once per process for its hash `key` and
-    weights: every job of a sweep starts from the same baseline."""
+    `weights` (the model's): every job of a sweep starts from the same baseline."""
+    from pipeline.data import arrays_digest
     from pipeline.stages.evaluate import test_metrics
     from pipeline.stages.loop import cached
 
-    weights = hashlib.sha256(b"".join(np.ascontiguousarray(w).tobytes() for w in model.get_weights())).hexdigest()
-    return dict(cached(_scores, f"{key}:{weights}", lambda: test_metrics(model, data)))
+    return dict(cached(_scores, f"{key}:{arrays_digest(*weights)}", lambda: test_metrics(model, data)))
 
 
 def for_job(conf: dict[str, Any], parts: dict, data, client, exp_id, uri: str):

@@ -77,7 +77,7 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
         # From here on, the same random numbers whether the baseline was trained here or loaded.
         baseline.seed_everything(cfg.seed, training.deterministic)
         dense_weights = model.get_weights()
-        run.metrics(baseline.test_metrics(model, data, bhash), prefix="baseline/")
+        run.metrics(baseline.test_metrics(model, dense_weights, data, bhash), prefix="baseline/")
 
         method.bind(data)  # for criteria that score on a training batch (channel, importance=taylor)
         masked = prune(model, method, schedule.initial, cfg.seed)
