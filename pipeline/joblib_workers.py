@@ -136,3 +136,6 @@ def stop() -> None:
         _tasks.pop().join()
     if reusable_executor._executor is not None:  # loky's process-wide executor, which joblib reuses
         reusable_executor._executor.shutdown(wait=True, kill_workers=True)
+        # Its queues' semaphores sit in reference cycles: freed now, while loky's resource tracker still listens.
+        # Left to the interpreter's exit, they are freed after the tracker stopped, which then warns of leaks.
+        gc.collect()
