@@ -108,7 +108,8 @@ class JoblibWorkers(Workers):
         def run() -> None:
             try:
                 parallel(tasks)
-            except Exception as e:  # stopped (the sweep failed validation) or broken: the jobs will say why
+            except (Exception, KeyboardInterrupt) as e:  # stopped (a rejected sweep, a Ctrl-C reaching the workers)
+                # or broken: the jobs, or the sweep's own handling of Ctrl-C, will say why
                 log.debug("joblib workers not %s: %s", what, e)
 
         _tasks.append(threading.Thread(target=run, name=f"joblib-{what}", daemon=True))
