@@ -118,9 +118,9 @@ def test_metrics(model, weights: list, data, key: str) -> dict[str, float]:
     return dict(cached(_scores, f"{key}:{arrays_digest(*weights)}", lambda: test_metrics(model, data)))
 
 
-def for_job(conf: dict[str, Any], parts: dict, data, client, exp_id, uri: str):
+def for_job(conf: dict[str, Any], parts: dict, data, store):
     """The job's trained dense model: (model, hash, trained_now). A baseline trained here is logged once,
-    as its own run (tag kind=baseline)."""
+    as its own run (tag kind=baseline), in the job's tracking.Store."""
     from pipeline.config import identity
     from pipeline.stages.evaluate import test_metrics
     from pipeline.stages.train import train_baseline
@@ -145,16 +145,17 @@ def for_job(conf: dict[str, Any], parts: dict, data, client, exp_id, uri: str):
         b.metrics(test_metrics(trained, data), prefix="baseline/")
         b.artifact(path, "model")
 
-    if client is not None and tracking.sqlite_path(uri) is None:  # a tracking server: nothing else is shared
-        return RunStore(client, exp_id, parts["tracking"].claim_timeout).obtain(spec_b, build, train, describe)
+    if store.track.enabled and tracking.sqlite_path(store.uri) is None:  # a server: nothing else is shared
+        return RunStore(store.client, store.exp_id, store.track.claim_timeout).obtain(spec_b, build, train, describe)
 
     def log_run(key, trained, history, path):
-        if client is None:
+        if store.client is None:
             return
-        with tracking.Run(client, exp_id, f"baseline-{key[:8]}", {"kind": "baseline", "baseline_hash": key}) as b:
+        with tracking.Run(store.client, store.exp_id, f"baseline-{key[:8]}",
+                          {"kind": "baseline", "baseline_hash": key}) as b:
             describe(b, trained, history, path)
 
-    return obtain(spec_b, tracking.store_dir(uri) / "baselines", build, train, log_run)
+    return obtain(spec_b, tracking.store_dir(store.uri) / "baselines", build, train, log_run)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

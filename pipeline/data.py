@@ -102,7 +102,8 @@ class Dataset:
 
     def sample(self, n: int) -> np.ndarray:
         """n test images, the first ones (repeated in turn when the split has fewer): model signatures, latency."""
-        images = first_batch(self.examples("test"), n)[0].numpy()
+        held = self.held("test")
+        images = held[0][:n] if held is not None else first_batch(self.examples("test"), n)[0].numpy()
         return np.resize(images, (n, *images.shape[1:]))
 
 

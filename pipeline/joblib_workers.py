@@ -25,7 +25,8 @@ from pipeline.sweep import Workers, first_problem
 
 log = logging.getLogger("pipeline")
 _tasks: list[threading.Thread] = []  # the background calls of this process's workers (warm-up, baseline)
-PRELOAD = ("tensorflow", "pipeline.run", "mlflow.keras", "mlflow.store.tracking.sqlalchemy_store")  # every job's
+PRELOAD = ("tensorflow", "pipeline.run")  # what checking the sweep and training a baseline need
+PRELOAD_TRACKING = ("mlflow.keras", "mlflow.store.tracking.sqlalchemy_store")  # what every job needs besides
 
 
 def is_joblib(config: DictConfig) -> bool:
@@ -33,14 +34,32 @@ def is_joblib(config: DictConfig) -> bool:
 
 
 def divide_threads(config: DictConfig, jobs: int | None) -> None:
-    """The cores are divided among the workers: each worker's TensorFlow gets cores // workers threads
-    (TF_NUM_INTRAOP_THREADS and TF_NUM_INTEROP_THREADS, unless already set, are read when TensorFlow starts in
-    the worker), so parallel jobs do not oversubscribe the machine."""
+    """The cores are divided among the workers: each worker's TensorFlow and BLAS get cores // workers threads
+    (these variables, unless already set, are read when TensorFlow and numpy start in the worker), so parallel
+    jobs do not oversubscribe the machine. joblib sets the BLAS ones in the environment its loky workers start
+    with; workers forked from a preloaded process (preload_workers) inherit that process's instead."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     n_jobs = int(config.hydra.launcher.get("n_jobs") or -1)  # joblib's: -1 all cores, -2 all but one, ...
     workers = max(1, min(n_jobs if n_jobs > 0 else cores + 1 + n_jobs, jobs or cores))
-    for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+    for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                 "MKL_NUM_THREADS"):
         os.environ.setdefault(name, str(max(1, cores // workers)))
+
+
+def preload_workers() -> None:
+    """On Linux, the workers are forked from one process that imported PRELOAD (multiprocessing's forkserver,
+    started with the first worker): TensorFlow is imported once a sweep, not once a worker, and the first
+    worker checks the sweep and trains its baseline as soon as it starts."""
+    if sys.platform != "linux":
+        return
+    import multiprocessing
+
+    from joblib.externals.loky.backend import context
+
+    # pipeline.run's imports, not the module: multiprocessing runs the sweep's main module anew in each process it
+    # starts (as __mp_main__), and warns if it is imported there already
+    multiprocessing.set_forkserver_preload(["pipeline", "tensorflow", "pipeline.sweep"])
+    context.set_start_method("forkserver", force=True)
 
 
 def _parallel(config: DictConfig):
@@ -55,37 +74,44 @@ def _parallel(config: DictConfig):
 
 
 def _warm(first: bool) -> None:
-    """Import PRELOAD: the first worker at once, the others at low priority (a thread at nice 10; TensorFlow's
-    compute threads start later, with the jobs' first ops, at the worker's own priority). On 2 cores, workers
-    importing side by side with the sweep's process, which composes and validates every job meanwhile, slowed
-    all three by a third; the first worker then checks the sweep and trains its baseline while the others
-    finish importing."""
+    """Import what a job needs: the first worker, what checking the sweep and training its first baseline need
+    (PRELOAD) at once, then the tracking modules in a thread at nice 10 while it checks and trains; the others,
+    all of it in such a thread (TensorFlow's compute threads start later, with the jobs' first ops, at the
+    worker's own priority). On 2 cores, workers importing side by side with the sweep's process, which composes
+    and validates every job meanwhile, slowed all three by a third."""
     from joblib.externals.loky import process_executor
 
-    def preload() -> None:
-        for module in PRELOAD:
+    def preload(modules: tuple[str, ...], nice: int = 0) -> None:
+        os.nice(nice)  # on Linux, this thread's nice value only
+        for module in modules:
             importlib.import_module(module)
+        # The half million objects of these modules live as long as the worker: out of the collector's scans.
+        gc.freeze()
 
-    if first or sys.platform != "linux":  # elsewhere a nice value is the whole process's, for good
-        preload()
+    def low(modules: tuple[str, ...]) -> threading.Thread:
+        thread = threading.Thread(target=preload, args=(modules, 10), daemon=True)
+        thread.start()
+        return thread
+
+    if sys.platform != "linux":  # elsewhere a nice value is the whole process's, for good
+        preload(PRELOAD + PRELOAD_TRACKING)
+    elif first:
+        preload(PRELOAD)
+        low(PRELOAD_TRACKING)
     else:
         import numpy  # noqa: F401  (its BLAS threads start here, at the worker's priority)
 
-        thread = threading.Thread(target=lambda: (os.nice(10), preload()))  # this thread's nice value only
-        thread.start()
-        thread.join()
-    # The half million objects of these modules live as long as the worker: out of the collector's scans.
-    gc.freeze()
+        low(PRELOAD + PRELOAD_TRACKING).join()
     # Without psutil, loky runs a full collection after any task that ends a second after the last one: after
     # every job, 0.15-0.3 s each, scanning what the jobs keep (compiled loops, the tracking store's tables).
     # Python's own collector still runs as usual; loky's, once in ten minutes.
     process_executor._MEMORY_LEAK_CHECK_DELAY = max(process_executor._MEMORY_LEAK_CHECK_DELAY, 600.0)
 
 
-def _prepare(cfg: DictConfig) -> None:
+def _prepare(cfg: DictConfig, new_store: bool) -> None:
     from pipeline.run import prepare_baseline  # imported in the worker: the sweep's process runs it as __main__
 
-    prepare_baseline(cfg)
+    prepare_baseline(cfg, new_store)
 
 
 class JoblibWorkers(Workers):
@@ -98,6 +124,7 @@ class JoblibWorkers(Workers):
         from joblib import delayed, effective_n_jobs
 
         divide_threads(config, jobs)  # before any worker starts
+        preload_workers()
         self.config = config
         parallel = _parallel(config)
         workers = effective_n_jobs(parallel.n_jobs)
@@ -121,10 +148,10 @@ class JoblibWorkers(Workers):
 
         return _parallel(self.config)([delayed(first_problem)(checks)])[0]
 
-    def prepare(self, cfg: DictConfig) -> None:
+    def prepare(self, cfg: DictConfig, new_store: bool) -> None:
         from joblib import delayed
 
-        self._background(_parallel(self.config), [delayed(_prepare)(cfg)], "preparing the baseline")
+        self._background(_parallel(self.config), [delayed(_prepare)(cfg, new_store)], "preparing the baseline")
 
 
 def stop() -> None:

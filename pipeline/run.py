@@ -49,7 +49,8 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
     conf = job_config(cfg)
     ident = identity(cfg.seed, parts, data.digest)
     chash, name = config_hash(ident), run_name(method.name, schedule.target)
-    uri, client, exp_id = open_store(track)
+    store = tracking.Store(track)
+    client, exp_id = store.client, store.exp_id
     if client:
         tracking.close_journaled(client)
         tracking.close_abandoned(client, exp_id, chash)
@@ -71,7 +72,7 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
         run.params(tracking.params_of(conf))
         run.dataset(data)
         run.text(OmegaConf.to_yaml(conf), "config.yaml")
-        model, bhash, trained = baseline.for_job(conf, parts, data, client, exp_id, uri)
+        model, bhash, trained = baseline.for_job(conf, parts, data, store)
         run.tag("baseline_hash", bhash)
         run.tag("baseline_trained_here", str(trained).lower())
         # From here on, the same random numbers whether the baseline was trained here or loaded.
@@ -113,17 +114,11 @@ def run_job(cfg: DictConfig, parts: dict, data) -> dict[str, float]:
         return {"run_id": run.id, **metrics}
 
 
-def open_store(track) -> tuple:
-    """The tracking store's (uri, client, experiment id); client and id are None with tracking off."""
-    uri = tracking.resolve_uri(track.uri)
-    client = tracking.client(uri) if track.enabled else None
-    return uri, client, tracking.experiment_id(client, track.experiment, uri) if client else None
-
-
-def prepare_baseline(cfg: DictConfig) -> None:
+def prepare_baseline(cfg: DictConfig, new_store: bool = False) -> None:
     """Find or train the baseline of the job of this config, as run_job would (same seed, same store and
     cache), unless that job FINISHED already and will be skipped: a sweep's worker starts on it while the
-    sweep is still starting, so that its jobs find it ready."""
+    sweep is still starting, so that its jobs find it ready. A store the sweep has just made (`new_store`) holds
+    no run: it is opened only to log the baseline, after training it."""
     from pipeline import baseline
     from pipeline.stages.train import configure
 
@@ -132,11 +127,11 @@ def prepare_baseline(cfg: DictConfig) -> None:
     training, track = parts["training"], parts["tracking"]
     baseline.seed_everything(cfg.seed, training.deterministic)
     configure(training)
-    uri, client, exp_id = open_store(track)
-    chash = config_hash(identity(cfg.seed, parts, data.digest))
-    if client and track.skip_finished and tracking.finished_run(client, exp_id, chash) is not None:
+    store = tracking.Store(track)
+    if not new_store and store.client and track.skip_finished and tracking.finished_run(
+            store.client, store.exp_id, config_hash(identity(cfg.seed, parts, data.digest))) is not None:
         return
-    baseline.for_job(job_config(cfg), parts, data, client, exp_id, uri)
+    baseline.for_job(job_config(cfg), parts, data, store)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -151,9 +151,8 @@ def run_scan(cfg: DictConfig, parts: dict, data, sens: Sensitivity, out_dir: Pat
         log.warning("%s", warning)
     baseline.seed_everything(cfg.seed, parts["training"].deterministic)
     conf = job_config(cfg)
-    uri = tracking.resolve_uri(track.uri)
-    client = tracking.client(uri) if track.enabled else None
-    exp_id = tracking.experiment_id(client, track.experiment, uri) if client else None
+    store = tracking.Store(track)
+    client, exp_id = store.client, store.exp_id
 
     # no config_hash tag: report and verify take runs with one for jobs of python -m pipeline.run
     tags = {"kind": "sensitivity", "model": spec.name, "data_digest": data.digest}
@@ -162,7 +161,7 @@ def run_scan(cfg: DictConfig, parts: dict, data, sens: Sensitivity, out_dir: Pat
     with tracking.Run(client, exp_id, f"sensitivity-{spec.name}", tags) as run:
         run.params(tracking.params_of(conf))
         run.text(OmegaConf.to_yaml(conf), "config.yaml")
-        model, bhash, trained = baseline.for_job(conf, parts, data, client, exp_id, uri)
+        model, bhash, trained = baseline.for_job(conf, parts, data, store)
         run.tag("baseline_hash", bhash)
         run.tag("baseline_trained_here", str(trained).lower())
         run.metrics(test_metrics(model, data) | {"val_accuracy": val_accuracy(model, data)}, prefix="baseline/")

@@ -219,8 +219,8 @@ class Workers:
     def check(self, checks: list[tuple]) -> str | None:
         return first_problem(checks)
 
-    def prepare(self, cfg: DictConfig) -> None:
-        pass
+    def prepare(self, cfg: DictConfig, new_store: bool) -> None:
+        """new_store: the sweep made the store (no job can have finished in it: run.prepare_baseline)."""
 
 
 workers: Workers | None = None
@@ -301,7 +301,7 @@ class SweepCallback(Callback):
             return
         if basic:  # all is checked: a worker may write to the store (the store's creation is locked)
             # the job's own settings: Hydra's (its ${now:} among them) resolve only in a Hydra job
-            pool.prepare(OmegaConf.masked_copy(configs[0], [k for k in configs[0] if k != "hydra"]))
+            pool.prepare(OmegaConf.masked_copy(configs[0], [k for k in configs[0] if k != "hydra"]), store.made)
         if pool.elsewhere:
             stand_back()
         client = tracking.client(uri)  # the database and experiment exist before any job starts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -240,6 +241,11 @@ class NewStore:
         except Exception:  # made again by place(), which says what is wrong
             pass
 
+    @property
+    def made(self) -> bool:
+        """Whether this is a store the sweep makes (it holds no run)."""
+        return self.db is not None
+
     def place(self) -> None:
         """The new store, in place, unless one appeared meanwhile (another sweep's)."""
         if self.db is not None:
@@ -268,6 +274,22 @@ def existing_client(uri: str):
 def _opened(mlflow_client):
     mlflow_client.search_experiments(max_results=1)  # reads the store now: a corrupt file fails here
     return mlflow_client
+
+
+class Store:
+    """A job's tracking store (its tracking config `track`): the URI, and the client and experiment id opened
+    on first use (None with tracking off), so that a baseline can train before MLflow is even imported."""
+
+    def __init__(self, track):
+        self.track, self.uri = track, resolve_uri(track.uri)
+
+    @functools.cached_property
+    def client(self):
+        return client(self.uri) if self.track.enabled else None
+
+    @functools.cached_property
+    def exp_id(self) -> str | None:
+        return experiment_id(self.client, self.track.experiment, self.uri) if self.client else None
 
 
 def experiment_id(mlflow_client, name: str, uri: str) -> str:
@@ -409,9 +431,10 @@ class Run:
             self.client.log_inputs(self.id, inputs)  # it exists now: this links it
 
     def keras_model(self, model, example) -> None:
-        """The model as an MLflow Logged model (Keras flavour, input signature inferred from `example`):
-        it can be registered and served from the UI. The metrics logged after it are the Logged model's too:
-        MLflow links those logged before by reading each one's history (a tenth of a second for a job's)."""
+        """The model as an MLflow Logged model (Keras flavour, signature inferred from `example` and the model's
+        output shape): it can be registered and served from the UI. The metrics logged after it are the Logged
+        model's too: MLflow links those logged before by reading each one's history (a tenth of a second for a
+        job's)."""
         if not self.client:
             return
         import keras
@@ -422,7 +445,8 @@ class Run:
         from mlflow.models import infer_signature
 
         mlflow.set_experiment(experiment_id=self.exp_id)  # where the fluent API creates it (store: tracking.client)
-        signature = infer_signature(example, np.asarray(model(example, training=False)))
+        out = model.compute_output_spec(keras.KerasTensor((None, *example.shape[1:]), str(example.dtype)))
+        signature = infer_signature(example, np.zeros((len(example), *out.shape[1:]), out.dtype))  # shapes: no call
         # not named "model": MLflow 3 would then read the run's artifacts under model/ from the Logged model
         self.model_id = mlflow.tensorflow.log_model(
             model, name=LOGGED_MODEL, signature=signature, run_id=self.id,

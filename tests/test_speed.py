@@ -54,9 +54,9 @@ def assert_same(a, b):
 
 
 def traces(compiled) -> dict[str, int]:
-    """How often each compiled loop of an Engine (or an Evaluator: its scores) was traced."""
+    """How often each compiled loop of an Engine (or an Evaluator: its outputs) was traced."""
     return {name: getattr(compiled, name).experimental_get_tracing_count()
-            for name in ("train_held", "train_stream", "validate_held", "validate_stream", "scores")
+            for name in ("train_held", "train_stream", "validate_held", "validate_stream", "outputs")
             if hasattr(compiled, name)}
 
 
@@ -174,7 +174,7 @@ def test_jobs_share_the_compiled_loops_whatever_their_models_were_compiled_with(
             "accuracy": accuracy, "loss": loss}
         traced.append(({k: traces(e) for k, e in loop._engines.items()},
                        {k: traces(e) for k, e in evaluate._evaluators.items()}))
-    assert traced[0] == traced[1] and traced[0][1] and all(t == {"scores": 1} for t in traced[0][1].values())
+    assert traced[0] == traced[1] and traced[0][1] and all(t == {"outputs": 1} for t in traced[0][1].values())
 
 
 def test_baseline_fit_equals_model_fit(few):

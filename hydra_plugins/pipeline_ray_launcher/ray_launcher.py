@@ -61,14 +61,14 @@ class Worker:
 
         return first_problem(checks)
 
-    def prepare(self, cfg: DictConfig, cwd: str) -> None:
+    def prepare(self, cfg: DictConfig, new_store: bool, cwd: str) -> None:
         """The first job's baseline, found or trained before the jobs start (pipeline.sweep.Workers), from the
         sweep's folder as the jobs run (a relative tracking.uri)."""
         from pipeline.run import prepare_baseline
 
         if os.path.isdir(cwd):
             os.chdir(cwd)
-        prepare_baseline(cfg)
+        prepare_baseline(cfg, new_store)
 
     def run(self, task: dict, state: tuple, hydra_context: HydraContext, master: DictConfig,
             task_function: TaskFunction, cwd: str) -> JobReturn:
@@ -196,8 +196,8 @@ class RayWorkers(Workers):
             log.debug("data and models checked in the sweep's process: the worker failed (%s)", type(e).__name__)
             return super().check(checks)
 
-    def prepare(self, cfg: DictConfig) -> None:
-        self.worker.prepare.remote(cfg, os.getcwd())  # its next call waits for it; failing, a job trains it
+    def prepare(self, cfg: DictConfig, new_store: bool) -> None:
+        self.worker.prepare.remote(cfg, new_store, os.getcwd())  # its next call waits for it; failing, a job trains it
 
 
 class StartWorkers(Callback):

@@ -17,43 +17,48 @@ from pipeline.stages.loop import cached, structure
 
 
 class Evaluator:
-    """Test loss and accuracy of a model (what model.evaluate computes, Keras's loss from the softmax's logits):
-    one compiled pass per batch over `twin`, traced once. Kept per model structure with a twin that each
-    model's weights are copied into (the jobs of a sweep share one), or made on the model itself for one
-    evaluated once (a shrunk model): tracing Keras's test step and metrics took six times as long."""
+    """Test loss and accuracy of a model (what model.evaluate computes, Keras's loss from the softmax's logits)
+    and its timed forward pass, from one compiled forward pass over `twin`, traced once. Kept per model
+    structure with a twin that each model's weights are copied into (the jobs of a sweep share one), or made
+    on the model itself for one evaluated once (a shrunk model): tracing Keras's test step and metrics took
+    six times as long."""
 
     def __init__(self, twin):
         import tensorflow as tf
 
-        loss = keras.losses.SparseCategoricalCrossentropy()
-        self.twin, self._forward = twin, None
+        self.twin, self.from_logits = twin, False
 
-        @tf.function(input_signature=[tf.TensorSpec([None, *twin.input_shape[1:]], "float32"),
-                                      tf.TensorSpec([None], "int32")])
-        def scores(x, y):
+        @tf.function(input_signature=[tf.TensorSpec([None, *twin.input_shape[1:]], "float32")])
+        def outputs(x):
+            """The probabilities, and the logits that Keras's loss reads from a softmax in a graph (read at
+            the trace: an eager call has no graph to find them in)."""
             probs = twin(x, training=False)
-            hits = tf.equal(tf.argmax(probs, -1, output_type="int32"), y)
-            return loss(y, probs), tf.reduce_sum(tf.cast(hits, "float32"))
+            logits = getattr(probs, "_keras_logits", probs.op.inputs[0] if probs.op.type == "Softmax" else None)
+            self.from_logits = logits is not None
+            return probs, logits if self.from_logits else probs
 
-        self.scores = scores
+        self.outputs = outputs
 
     def __call__(self, model, data, split: str = "test") -> dict[str, float]:
         """As Keras's metrics sum them: each batch's mean loss weighted by its size, in float32."""
+        import tensorflow as tf
+
         if model is not self.twin:
             assign_all(self.twin.variables, model.variables)
         total = hits = count = np.float32(0)
         for x, y in batches(data, split, 256):
-            n = np.float32(len(y))
-            loss, right = self.scores(np.asarray(x, "float32"), np.asarray(y, "int32"))
+            probs, logits = self.outputs(np.asarray(x, "float32"))
+            y, n = tf.constant(y, "int32"), np.float32(len(y))
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=self.from_logits)(y, logits)
+            right = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type="int32"), y), "float32"))
             total, hits, count = total + np.float32(loss) * n, hits + np.float32(right), count + n
         return {"accuracy": float(hits / count), "loss": float(total / count)}
 
-    def forward(self, weights, image_shape: tuple[int, ...]):
-        """The twin's compiled forward pass holding `weights` (latency; traced once)."""
-        assign_all(self.twin.variables, weights)
-        if self._forward is None:
-            self._forward = compiled_forward(self.twin, image_shape)
-        return self._forward
+    def forward(self, weights=None):
+        """The compiled forward pass (latency) of the twin, holding `weights` if given."""
+        if weights is not None:
+            assign_all(self.twin.variables, weights)
+        return lambda batch: self.outputs(batch)[0]
 
 
 _evaluators: collections.OrderedDict = collections.OrderedDict()
@@ -145,12 +150,14 @@ def evaluate(model, data, dense_weights=None, small_model=None, latency: str = "
     (`dense_weights` in a model of `model`'s structure) against the final model as eval.latency says (see
     measures_latency)."""
     final = small_model if small_model is not None else model
-    out = test_metrics(final, data, once=small_model is not None)
+    own = Evaluator(small_model) if small_model is not None else None  # its scores and latency: one trace
+    out = (own or evaluator(model))(final, data)
     out["masked_accuracy"] = test_metrics(model, data)["accuracy"] if small_model is not None else out["accuracy"]
     out.update(weight_metrics(model, small_model))
     if dense_weights is not None and measures_latency(latency, small_model is not None):
         x = data.sample(max(LATENCY_REPEATS)).astype("float32")
-        forwards = [evaluator(model).forward(dense_weights, x.shape[1:]), compiled_forward(final, x.shape[1:])]
+        forwards = [evaluator(model).forward(dense_weights),
+                    own.forward() if own else compiled_forward(final, x.shape[1:])]
         for batch, repeats in LATENCY_REPEATS.items():
             suffix = "" if batch == 1 else f"_b{batch}"
             dense_ms, pruned_ms = paired_latency_ms(forwards, x[:batch], repeats)
