@@ -3,11 +3,11 @@ launcher launches its jobs.
 
 Hydra's joblib launcher runs the jobs through joblib's Parallel, which reuses loky's process-wide executor
 when it is asked for one with the same options. The sweep's callback makes that executor first, from the
-launcher's own config, and has each worker import what a job needs (TensorFlow above all: seconds) while
-the sweep's process validates the jobs; the check that the data sets load and the models fit them runs in
-one of these workers, so the sweep's process never imports TensorFlow. Workers read their environment
-when they start: the TensorFlow thread counts are set before; what the sweep sets later reaches each job
-by the sweep's callback (SweepCallback.on_job_start).
+launcher's own config, and has each worker import what a job needs (TensorFlow above all: seconds; on
+Linux once, in the process the workers are forked from) while the sweep's process validates the jobs; the
+check that the data sets load and the models fit them runs in one of these workers, so the sweep's process
+never imports TensorFlow. Workers read their environment when they start: the thread counts are set before;
+what the sweep sets later reaches each job by the sweep's callback (SweepCallback.on_job_start).
 """
 
 from __future__ import annotations
@@ -115,8 +115,8 @@ def _prepare(cfg: DictConfig, new_store: bool) -> None:
 
 
 class JoblibWorkers(Workers):
-    """The joblib launcher's workers, started at once; each imports PRELOAD in the background (those that
-    will get a job, of `jobs` if known)."""
+    """The joblib launcher's workers, started at once; each imports what a job needs in the background (those
+    that will get a job, of `jobs` if known)."""
 
     elsewhere = True
 

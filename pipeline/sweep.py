@@ -186,6 +186,7 @@ def stand_back() -> None:
 
 
 def _import_report() -> None:
+    os.nice(9)  # 19: last, after what the jobs need first (the workers import MLflow at 10 meanwhile)
     import matplotlib.pyplot  # noqa: F401
 
     from pipeline import report  # noqa: F401
