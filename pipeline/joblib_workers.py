@@ -47,19 +47,41 @@ def divide_threads(config: DictConfig, jobs: int | None) -> None:
 
 
 def preload_workers() -> None:
-    """On Linux, the workers are forked from one process that imported PRELOAD (multiprocessing's forkserver,
-    started with the first worker): TensorFlow is imported once a sweep, not once a worker, and the first
-    worker checks the sweep and trains its baseline as soon as it starts."""
+    """On Linux, the workers are forked from one process that imported what checking the sweep and training a
+    baseline need (multiprocessing's forkserver, started with the first worker; it imports pipeline/forkserver.py):
+    TensorFlow is imported once a sweep, not once a worker, and the first worker checks the sweep and trains
+    its baseline as soon as it starts, while each worker imports MLflow at low priority (forked)."""
     if sys.platform != "linux":
         return
     import multiprocessing
 
     from joblib.externals.loky.backend import context
 
-    # pipeline.run's imports, not the module: multiprocessing runs the sweep's main module anew in each process it
-    # starts (as __mp_main__), and warns if it is imported there already
-    multiprocessing.set_forkserver_preload(["pipeline", "tensorflow", "pipeline.sweep"])
+    multiprocessing.set_forkserver_preload(["pipeline.forkserver"])
     context.set_start_method("forkserver", force=True)
+
+
+def forked() -> None:
+    """In each worker as it is forked from the preloaded process: the tracking modules are imported in a thread
+    at nice 10 (this thread's nice value only; the jobs' TensorFlow threads run at the worker's own)."""
+    settle()
+    threading.Thread(target=_import, args=(PRELOAD_TRACKING, 10), name="pipeline-imports", daemon=True).start()
+
+
+def settle() -> None:
+    """Without psutil, loky runs a full collection after any task that ends a second after the last one: after
+    every job, 0.15-0.3 s each, scanning what the jobs keep (compiled loops, the tracking store's tables).
+    Python's own collector still runs as usual; loky's, once in ten minutes."""
+    from joblib.externals.loky import process_executor
+
+    process_executor._MEMORY_LEAK_CHECK_DELAY = max(process_executor._MEMORY_LEAK_CHECK_DELAY, 600.0)
+
+
+def _import(modules: tuple[str, ...], nice: int = 0) -> None:
+    os.nice(nice)
+    for module in modules:
+        importlib.import_module(module)
+    gc.freeze()  # the half million objects of these modules live as long as the worker: out of the collector's scans
 
 
 def _parallel(config: DictConfig):
@@ -73,39 +95,12 @@ def _parallel(config: DictConfig):
     return Parallel(**options)
 
 
-def _warm(first: bool) -> None:
-    """Import what a job needs: the first worker, what checking the sweep and training its first baseline need
-    (PRELOAD) at once, then the tracking modules in a thread at nice 10 while it checks and trains; the others,
-    all of it in such a thread (TensorFlow's compute threads start later, with the jobs' first ops, at the
-    worker's own priority). On 2 cores, workers importing side by side with the sweep's process, which composes
-    and validates every job meanwhile, slowed all three by a third."""
-    from joblib.externals.loky import process_executor
-
-    def preload(modules: tuple[str, ...], nice: int = 0) -> None:
-        os.nice(nice)  # on Linux, this thread's nice value only
-        for module in modules:
-            importlib.import_module(module)
-        # The half million objects of these modules live as long as the worker: out of the collector's scans.
-        gc.freeze()
-
-    def low(modules: tuple[str, ...]) -> threading.Thread:
-        thread = threading.Thread(target=preload, args=(modules, 10), daemon=True)
-        thread.start()
-        return thread
-
-    if sys.platform != "linux":  # elsewhere a nice value is the whole process's, for good
-        preload(PRELOAD + PRELOAD_TRACKING)
-    elif first:
-        preload(PRELOAD)
-        low(PRELOAD_TRACKING)
-    else:
-        import numpy  # noqa: F401  (its BLAS threads start here, at the worker's priority)
-
-        low(PRELOAD + PRELOAD_TRACKING).join()
-    # Without psutil, loky runs a full collection after any task that ends a second after the last one: after
-    # every job, 0.15-0.3 s each, scanning what the jobs keep (compiled loops, the tracking store's tables).
-    # Python's own collector still runs as usual; loky's, once in ten minutes.
-    process_executor._MEMORY_LEAK_CHECK_DELAY = max(process_executor._MEMORY_LEAK_CHECK_DELAY, 600.0)
+def _warm() -> None:
+    """A worker's first task, which starts it with the sweep: where workers are not forked from a preloaded
+    process (preload_workers), it imports what a job needs here."""
+    if sys.platform != "linux":
+        _import(PRELOAD + PRELOAD_TRACKING)
+        settle()
 
 
 def _prepare(cfg: DictConfig, new_store: bool) -> None:
@@ -128,7 +123,7 @@ class JoblibWorkers(Workers):
         self.config = config
         parallel = _parallel(config)
         workers = effective_n_jobs(parallel.n_jobs)
-        self._background(parallel, [delayed(_warm)(i == 0) for i in range(min(workers, jobs or workers))], "warmed")
+        self._background(parallel, [delayed(_warm)() for _ in range(min(workers, jobs or workers))], "warmed")
 
     @staticmethod
     def _background(parallel, tasks: list, what: str) -> None:

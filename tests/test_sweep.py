@@ -1,9 +1,12 @@
 """Sweeps: one baseline shared by the jobs, nested runs under one parent, the report, resume, failures."""
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
-from conftest import run_pipeline
+from conftest import CONF, run_pipeline
 
 SMOKE = ["training=smoke"]
 
@@ -207,3 +210,40 @@ def test_shared_composition_gives_each_job_the_config_hydra_composes_alone(monke
     assert shared == alone * 2
     assert len(made) == 5  # filter, slim, vgg_bn with slim, the experiment, gradual magnitude
     assert "target: 0.5" in alone[1] and "extra: 1" in alone[5] and "epochs: 2" in alone[2]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers are forked from a preloaded process on Linux only")
+def test_workers_are_forked_from_one_process_that_imported_tensorflow():
+    """hydra/launcher=workers: TensorFlow is imported once, in the process the workers are forked from, and every
+    worker (however joblib hands out the first tasks) imports the tracking modules by itself and has loky's
+    collection after each task turned off."""
+    script = textwrap.dedent(f"""
+        import json, os, sys, threading, time
+        from hydra import compose, initialize_config_dir
+        from joblib import delayed
+        from pipeline import joblib_workers
+
+        def probe():
+            from joblib.externals.loky import process_executor
+            time.sleep(1)  # each worker takes one
+            for thread in threading.enumerate():
+                if thread.name == "pipeline-imports":
+                    thread.join(60)
+            return {{"pid": os.getpid(), "parent": os.getppid(), "tensorflow": "tensorflow" in sys.modules,
+                     "tracking": all(m in sys.modules for m in joblib_workers.PRELOAD_TRACKING),
+                     "delay": process_executor._MEMORY_LEAK_CHECK_DELAY}}
+
+        with initialize_config_dir({str(CONF)!r}, version_base="1.3"):
+            cfg = compose("config", ["hydra/launcher=workers", "hydra.launcher.n_jobs=2"], return_hydra_config=True)
+        joblib_workers.JoblibWorkers(cfg, 2)
+        workers = joblib_workers._parallel(cfg)([delayed(probe)() for _ in range(2)])
+        joblib_workers.stop()
+        print(json.dumps({{"main": os.getpid(), "workers": workers}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    workers = out["workers"]
+    assert len({w["pid"] for w in workers}) == 2
+    assert len({w["parent"] for w in workers}) == 1 and workers[0]["parent"] != out["main"]  # the forkserver
+    assert all(w["tensorflow"] and w["tracking"] and w["delay"] >= 600 for w in workers), workers
