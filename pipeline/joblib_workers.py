@@ -25,7 +25,7 @@ from pipeline.sweep import Workers, first_problem
 
 log = logging.getLogger("pipeline")
 _tasks: list[threading.Thread] = []  # the background calls of this process's workers (warm-up, baseline)
-PRELOAD = ("tensorflow", "pipeline.run")  # what checking the sweep and training a baseline need
+PRELOAD = ("tensorflow", "pipeline.run")  # what checking a sweep and training a baseline need (as forkserver.py)
 PRELOAD_TRACKING = ("mlflow.keras", "mlflow.store.tracking.sqlalchemy_store")  # what every job needs besides
 
 

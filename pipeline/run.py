@@ -128,9 +128,10 @@ def prepare_baseline(cfg: DictConfig, new_store: bool = False) -> None:
     baseline.seed_everything(cfg.seed, training.deterministic)
     configure(training)
     store = tracking.Store(track)
-    if not new_store and store.client and track.skip_finished and tracking.finished_run(
-            store.client, store.exp_id, config_hash(identity(cfg.seed, parts, data.digest))) is not None:
-        return
+    if not new_store and store.client and track.skip_finished:
+        chash = config_hash(identity(cfg.seed, parts, data.digest))
+        if tracking.finished_run(store.client, store.exp_id, chash) is not None:
+            return
     baseline.for_job(job_config(cfg), parts, data, store)
 
 
