@@ -348,7 +348,8 @@ def speed_markdown(speed: dict) -> str:
               "Training time = the `model.fit`-equivalent time inside that very sweep, read from its runs: the "
               "baseline run's per-epoch `train/seconds` plus every job's `time/finetune_seconds` (the per-epoch "
               "times of fine-tuning, validation included). Jobs run in parallel, so this sum of the workers' "
-              "training can exceed the wall time.", "",
+              "training can exceed the wall time. The baseline trains while the workers start beside it (each "
+              "imports MLflow at low priority): its time here is longer than alone, and counts as training.", "",
               "| part | seconds |", "|---|---:|",
               f"| sweep wall time (process start to report) | {speed['sweep_s']:.1f} |",
               f"| training inside it: baseline | {speed['baseline_s']:.1f} |",
