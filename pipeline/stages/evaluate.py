@@ -107,14 +107,6 @@ def weight_metrics(model, small_model=None) -> dict[str, float]:
     return out
 
 
-def compiled_forward(model, image_shape: tuple[int, ...]):
-    """The model's forward pass (inference), compiled once for batches of any size."""
-    import tensorflow as tf
-
-    spec = tf.TensorSpec([None, *image_shape], "float32")
-    return tf.function(lambda batch: model(batch, training=False), input_signature=[spec])
-
-
 def paired_latency_ms(forwards: list, x: np.ndarray, repeats: int) -> list[float]:
     """Median wall time of each compiled forward pass on the batch `x`, timed in turn (A, B, A, B, ...) so
     that every model sees the same machine load: timing one model after the other lets a change in
@@ -156,8 +148,7 @@ def evaluate(model, data, dense_weights=None, small_model=None, latency: str = "
     out.update(weight_metrics(model, small_model))
     if dense_weights is not None and measures_latency(latency, small_model is not None):
         x = data.sample(max(LATENCY_REPEATS)).astype("float32")
-        forwards = [evaluator(model).forward(dense_weights),
-                    own.forward() if own else compiled_forward(final, x.shape[1:])]
+        forwards = [evaluator(model).forward(dense_weights), (own or Evaluator(model)).forward()]
         for batch, repeats in LATENCY_REPEATS.items():
             suffix = "" if batch == 1 else f"_b{batch}"
             dense_ms, pruned_ms = paired_latency_ms(forwards, x[:batch], repeats)
