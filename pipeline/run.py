@@ -171,7 +171,7 @@ def job_objective(result: dict, track) -> float:
     now and for one reused); NaN when tracking is off (no run to read; an optimising sweep requires one)."""
     if not result.get("run_id"):
         return float("nan")
-    metrics = tracking.client(tracking.resolve_uri(track.uri)).get_run(result["run_id"]).data.metrics
+    metrics = tracking.Store(track).client.get_run(result["run_id"]).data.metrics
     return sweep.objective(metrics, sweep.flops_budget())
 
 

@@ -35,7 +35,7 @@ class Evaluator:
             probs = twin(x, training=False)
             logits = getattr(probs, "_keras_logits", probs.op.inputs[0] if probs.op.type == "Softmax" else None)
             self.from_logits = logits is not None
-            return probs, logits if self.from_logits else probs
+            return probs, probs if logits is None else logits
 
         self.outputs = outputs
 
