@@ -26,7 +26,7 @@ class Evaluator:
     def __init__(self, twin):
         import tensorflow as tf
 
-        self.twin, self.from_logits = twin, False
+        self.twin = twin
 
         @tf.function(input_signature=[tf.TensorSpec([None, *twin.input_shape[1:]], "float32")])
         def outputs(x):
@@ -38,6 +38,8 @@ class Evaluator:
             return probs, probs if logits is None else logits
 
         self.outputs = outputs
+        outputs.get_concrete_function()  # traced now, so the loss knows what it reads
+        self.loss = keras.losses.SparseCategoricalCrossentropy(from_logits=self.from_logits)
 
     def __call__(self, model, data, split: str = "test") -> dict[str, float]:
         """As Keras's metrics sum them: each batch's mean loss weighted by its size, in float32."""
@@ -49,7 +51,7 @@ class Evaluator:
         for x, y in batches(data, split, 256):
             probs, logits = self.outputs(np.asarray(x, "float32"))
             y, n = tf.constant(y, "int32"), np.float32(len(y))
-            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=self.from_logits)(y, logits)
+            loss = self.loss(y, logits)
             right = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type="int32"), y), "float32"))
             total, hits, count = total + np.float32(loss) * n, hits + np.float32(right), count + n
         return {"accuracy": float(hits / count), "loss": float(total / count)}
